@@ -1,0 +1,46 @@
+"""Pure-PyTorch building blocks of the neck: the spec's math, written once.
+
+The reference module (`reference.py`) and the `eager` backend of the fused operators both use
+these, so there is exactly one definition of Up2 and of the softplus-normalised fusion weights.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: eps of the BiFPN-style weight normalisation (spec: 1e-4).
+FUSION_EPS = 1e-4
+
+
+def up2(x: Tensor) -> Tensor:
+    """Bilinear 2x upsampling exactly as the spec fixes it (align_corners=False)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def fusion_weights(w_a: Tensor, w_b: Tensor, eps: float = FUSION_EPS) -> Tuple[Tensor, Tensor]:
+    """softplus-normalised weights: sp(w_a)/(sp(w_a)+sp(w_b)+eps), and likewise for w_b."""
+    sp_a, sp_b = F.softplus(w_a), F.softplus(w_b)
+    denom = sp_a + sp_b + eps
+    return sp_a / denom, sp_b / denom
+
+
+def up2_fuse_reference(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor] = None,
+                       w_fine: Optional[Tensor] = None, eps: float = FUSION_EPS,
+                       gate_coarse: Optional[Tensor] = None,
+                       gate_fine: Optional[Tensor] = None) -> Tensor:
+    """The `up2_fuse` operator as a plain composition: alpha*gc*Up2(coarse) + beta*gf*fine.
+
+    Computed in the input dtype's natural PyTorch promotion, then returned in `fine`'s dtype
+    (the fused kernels accumulate in fp32 and write the input dtype; the [1]-shaped fp32
+    weights must not widen a bf16 activation to fp32).
+    """
+    a, b = up2(coarse), fine
+    if gate_coarse is not None:
+        a = a * gate_coarse[:, :, None, None]
+    if gate_fine is not None:
+        b = b * gate_fine[:, :, None, None]
+    if w_coarse is not None:
+        alpha, beta = fusion_weights(w_coarse, w_fine, eps)
+        a, b = alpha * a, beta * b
+    return (a + b).to(fine.dtype)

@@ -1,0 +1,40 @@
+"""Build of litefpn_kernels._C: CPU kernels always, CUDA kernels when a CUDA toolkit is usable.
+
+CUDA is built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
+    with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
+        torch.cuda.is_available() and CUDA_HOME is not None)
+    cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        sources += _sources("csrc/cuda/*.cu")
+        return [CUDAExtension(
+            "litefpn_kernels._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"],
+                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-DWITH_CUDA"]},
+            extra_link_args=["-fopenmp"])]
+    return [CppExtension("litefpn_kernels._C", sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])]
+
+
+setup(
+    packages=find_packages(include=["litefpn_kernels", "litefpn_kernels.*"]),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+)
