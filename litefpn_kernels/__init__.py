@@ -1,5 +1,12 @@
-"""litefpn_kernels: fused kernels for the LiteFPN-128c neck of Lite-HRNet-18."""
+"""litefpn_kernels: fused kernels for the LiteFPN-128c neck of Lite-HRNet-18.
+
+    from litefpn_kernels import LiteFPN, ops
+    neck = LiteFPN()                        # the spec's module, plain PyTorch
+    out = neck([b1, b2, b3, b4])            # LiteFPNOutput(hf, p3_td, p4_td, p5)
+    y = ops.up2_fuse(coarse, fine, w_c, w_f, backend="auto")
+"""
 from . import backends, functional, ops
 from .ops import up2_fuse
+from .reference import LiteFPN, LiteFPNOutput
 
-__all__ = ["backends", "functional", "ops", "up2_fuse"]
+__all__ = ["LiteFPN", "LiteFPNOutput", "backends", "functional", "ops", "up2_fuse"]
