@@ -44,3 +44,16 @@ def up2_fuse_reference(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor] 
         alpha, beta = fusion_weights(w_coarse, w_fine, eps)
         a, b = alpha * a, beta * b
     return (a + b).to(fine.dtype)
+
+
+def lateral_up2_fuse_reference(coarse: Tensor, z: Tensor, conv_weight: Tensor,
+                               bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                               running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                               training: bool, momentum: float = 0.1, bn_eps: float = 1e-5,
+                               w_coarse: Optional[Tensor] = None, w_fine: Optional[Tensor] = None,
+                               eps: float = FUSION_EPS, gate_coarse: Optional[Tensor] = None,
+                               gate_fine: Optional[Tensor] = None) -> Tensor:
+    """One top-down level as a plain composition: up2_fuse(coarse, BN(conv1x1(z)))."""
+    y = F.batch_norm(F.conv2d(z, conv_weight), running_mean, running_var, bn_weight, bn_bias,
+                     training, momentum, bn_eps)
+    return up2_fuse_reference(coarse, y, w_coarse, w_fine, eps, gate_coarse, gate_fine)

@@ -1,0 +1,209 @@
+"""The workloads the report (run.py) and the pytest-benchmark microbenchmarks time.
+
+A workload is a closure over its inputs: `make_case(...)` returns a `Case` with one callable per
+pass ("fwd", "fwd_bwd", "eval") and the bytes each pass must move at the least (one read of every
+input, one write of every output), which turns a time into an achieved bandwidth.
+
+Implementations ("impl"): "eager" (the plain PyTorch composition), "compile" (torch.compile of
+that composition) and every fused backend of litefpn_kernels that runs on the device.
+"""
+import copy
+import dataclasses
+from typing import Callable, Dict, Optional
+
+import torch
+
+from litefpn_kernels import LiteFPN, backends, ops
+from litefpn_kernels.functional import lateral_up2_fuse_reference, up2_fuse_reference
+
+PASSES = ("fwd", "fwd_bwd", "eval")
+#: the spec's levels: name -> (coarse H, W at batch-independent spec size, channels of z)
+LEVELS = {"1/16": ((8, 16), 128), "1/8": ((16, 32), 64), "1/4": ((32, 64), 32)}
+SPEC_FEATS = ((32, 64, 128), (64, 32, 64), (128, 16, 32), (256, 8, 16))
+CHANNELS = 128
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    impl: str
+    run: Dict[str, Callable[[], None]]
+    bytes: Dict[str, Optional[int]]
+
+
+def compile_mode(device):
+    return "max-autotune-no-cudagraphs" if device.type == "cuda" else None
+
+
+def fused_backends(op, device):
+    """Fused backends of `op` that can run on `device` here (the interpreter is not timed)."""
+    found = []
+    for name in backends.BACKENDS:
+        if name == "eager" or (name == "triton" and device.type != "cuda"):
+            continue
+        if op == "neck" or not hasattr(ops, op):
+            continue  # the fused neck and lateral_up2_fuse come with their own issues
+        if backends.unavailable_reason(name, device) is None:
+            found.append(name)
+    return found
+
+
+def _fmt(t, channels_last):
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _rand(shape, dtype, device, channels_last, requires_grad=False):
+    t = _fmt(torch.randn(shape, device=device, dtype=dtype), channels_last)
+    return t.requires_grad_(requires_grad)
+
+
+def _passes(forward, inputs, grad_like):
+    """fwd: forward with autograd recording; fwd_bwd: forward + backward; eval: no_grad."""
+    grad = torch.randn_like(grad_like)
+
+    def fwd():
+        forward()
+
+    def fwd_bwd():
+        out = forward()
+        torch.autograd.backward(out, grad)
+        for t in inputs:
+            t.grad = None
+
+    def evaluate():
+        with torch.no_grad():
+            forward()
+
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd, "eval": evaluate}
+
+
+def _compiled(fn, device):
+    return torch.compile(fn, mode=compile_mode(device), dynamic=False)
+
+
+def up2_fuse_case(impl, level, batch, dtype, device, channels_last):
+    (h, w), _ = LEVELS[level]
+    coarse = _rand((batch, CHANNELS, h, w), dtype, device, channels_last, True)
+    fine = _rand((batch, CHANNELS, 2 * h, 2 * w), dtype, device, channels_last, True)
+    w_c = torch.ones(1, device=device, requires_grad=True)
+    w_f = torch.full((1,), 0.5, device=device, requires_grad=True)
+    if impl in ("eager", "compile"):
+        fn = lambda c, f, a, b: up2_fuse_reference(c, f, a, b)  # noqa: E731
+        if impl == "compile":
+            fn = _compiled(fn, device)
+    else:
+        fn = lambda c, f, a, b: ops.up2_fuse(c, f, a, b, backend=impl)  # noqa: E731
+    inputs = [coarse, fine, w_c, w_f]
+    size = coarse.element_size()
+    fwd_bytes = (coarse.numel() + 2 * fine.numel()) * size
+    # backward: read grad (+ coarse, fine for the weight sums), write both input grads
+    bwd_bytes = (2 * coarse.numel() + 3 * fine.numel()) * size
+    return Case(f"up2_fuse@{level}", impl, _passes(lambda: fn(*inputs), inputs, fine),
+                {"fwd": fwd_bytes, "eval": fwd_bytes, "fwd_bwd": fwd_bytes + bwd_bytes})
+
+
+def lateral_up2_fuse_case(impl, level, batch, dtype, device, channels_last):
+    (h, w), cin = LEVELS[level]
+    coarse = _rand((batch, CHANNELS, h, w), dtype, device, channels_last, True)
+    z = _rand((batch, cin, 2 * h, 2 * w), dtype, device, channels_last, True)
+    conv_w = _fmt(torch.randn(CHANNELS, cin, 1, 1, device=device, dtype=dtype) / cin ** 0.5,
+                  channels_last).requires_grad_()
+    bn_w = torch.ones(CHANNELS, device=device, dtype=dtype, requires_grad=True)
+    bn_b = torch.zeros(CHANNELS, device=device, dtype=dtype, requires_grad=True)
+    stats = [torch.zeros(CHANNELS, device=device, dtype=dtype),
+             torch.ones(CHANNELS, device=device, dtype=dtype)]
+    w_c = torch.ones(1, device=device, requires_grad=True)
+    w_f = torch.full((1,), 0.5, device=device, requires_grad=True)
+    state = {"training": True}
+    if impl in ("eager", "compile"):
+        def fn(c, zz, cw, bw, bb, a, b, training):
+            return lateral_up2_fuse_reference(c, zz, cw, bw, bb, stats[0], stats[1], training,
+                                              w_coarse=a, w_fine=b)
+        if impl == "compile":
+            fn = _compiled(fn, device)
+    else:
+        def fn(c, zz, cw, bw, bb, a, b, training):
+            return ops.lateral_up2_fuse(c, zz, cw, bw, bb, stats[0], stats[1], training,
+                                        w_coarse=a, w_fine=b, backend=impl)
+    inputs = [coarse, z, conv_w, bn_w, bn_b, w_c, w_f]
+    run = _passes(lambda: fn(*inputs, state["training"]), inputs, coarse.new_empty(
+        (batch, CHANNELS, 2 * h, 2 * w)))
+    train_fwd, train_step = run["fwd"], run["fwd_bwd"]
+    eval_fwd = run["eval"]
+
+    def evaluate():  # BN with running statistics
+        state["training"] = False
+        try:
+            eval_fwd()
+        finally:
+            state["training"] = True
+
+    size = coarse.element_size()
+    out_numel = batch * CHANNELS * 4 * h * w
+    fwd_bytes = (coarse.numel() + z.numel() + out_numel) * size
+    bwd_bytes = (2 * coarse.numel() + 2 * z.numel() + out_numel) * size
+    return Case(f"lateral_up2_fuse@{level}", impl,
+                {"fwd": train_fwd, "fwd_bwd": train_step, "eval": evaluate},
+                {"fwd": fwd_bytes, "eval": fwd_bytes, "fwd_bwd": fwd_bytes + bwd_bytes})
+
+
+def neck_feats(batch, dtype, device, channels_last, requires_grad=True):
+    return [_rand((batch,) + s, dtype, device, channels_last, requires_grad) for s in SPEC_FEATS]
+
+
+def neck_case(impl, batch, dtype, device, channels_last, neck=None):
+    """The whole neck (fuse="weighted"): training step (fwd, fwd_bwd) and eval forward.
+
+    Parameters stay fp32; a low-precision dtype runs under autocast, as users train.
+    """
+    torch.manual_seed(0)
+    base = neck if neck is not None else LiteFPN(fuse="weighted")
+    base = base.to(device)
+    if channels_last:
+        base = base.to(memory_format=torch.channels_last)
+    train_m, eval_m = copy.deepcopy(base).train(), copy.deepcopy(base).eval()
+    if impl == "compile":
+        train_run, eval_run = _compiled(train_m, device), _compiled(eval_m, device)
+    elif impl == "eager":
+        train_run, eval_run = train_m, eval_m
+    else:
+        train_m.backend = eval_m.backend = impl
+        train_run, eval_run = train_m, eval_m
+    feats = neck_feats(batch, dtype if dtype == torch.float64 else torch.float32, device,
+                       channels_last)
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    if low_precision:
+        feats = [f.detach().to(dtype).requires_grad_() for f in feats]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=low_precision)
+
+    grads = None
+
+    def fwd():
+        with autocast():
+            return [o for o in train_run(feats) if o is not None]
+
+    def fwd_bwd():
+        nonlocal grads
+        outs = fwd()
+        if grads is None:
+            grads = [torch.randn_like(o) for o in outs]
+        torch.autograd.backward(outs, grads)
+        for t in feats + list(train_m.parameters()):
+            t.grad = None
+
+    def evaluate():
+        with torch.no_grad(), autocast():
+            eval_run(feats)
+
+    return Case("neck", impl, {"fwd": fwd, "fwd_bwd": fwd_bwd, "eval": evaluate},
+                {"fwd": None, "fwd_bwd": None, "eval": None})
+
+
+def copy_case(batch, dtype, device, channels_last):
+    """The bandwidth yardstick: a device copy of one 1/4-level map [B, 128, 64, 128]."""
+    src = _rand((batch, CHANNELS, 64, 128), dtype, device, channels_last)
+    dst = torch.empty_like(src)
+    nbytes = 2 * src.numel() * src.element_size()
+    return Case("copy", "torch", {"eval": lambda: dst.copy_(src)}, {"eval": nbytes})

@@ -1,0 +1,248 @@
+"""The benchmark report: `python -m benchmarks.run` (or `make bench`).
+
+Times each glue step of the neck (Up2 + fuse at each level; 1x1 lateral + BN + Up2 + fuse) and
+the whole neck, forward / forward+backward / eval, for eager PyTorch, torch.compile and every
+fused backend that runs here, side by side in one run. Also times a plain device copy of a 1/4
+level map, and reports each op's achieved bandwidth as a % of that copy's. Writes
+benchmarks/results/<machine>.json (one record per measurement, DESIGN.md section 5), a markdown
+table (.md) and a plot (.png) beside it.
+
+GPU: CUDA events via triton.testing.do_bench (warm-up, median). CPU: wall clock, median of
+repeats after a warm-up, at --threads threads (default 2, the CI machine's size).
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+from . import cases
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def machine_name(device):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = "cpu-" + name
+    return re.sub(r"[^A-Za-z0-9.]+", "_", name.strip()).strip("_")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, min_reps=3, budget_s=1.0, max_reps=50):
+    """Median milliseconds of fn() after one warm-up call."""
+    fn()
+    _sync(device)
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mem_mb(fn, device):
+    """Peak memory allocated during one call, above what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU: the running sum of the CPU allocator's
+    allocations and frees during the call, as the profiler records them.
+    """
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def build_cases(op, level, impl, batch, dtype, device, channels_last):
+    if op == "up2_fuse":
+        return cases.up2_fuse_case(impl, level, batch, dtype, device, channels_last)
+    if op == "lateral_up2_fuse":
+        return cases.lateral_up2_fuse_case(impl, level, batch, dtype, device, channels_last)
+    return cases.neck_case(impl, batch, dtype, device, channels_last)
+
+
+def parse_args(argv):
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if gpu else "cpu")
+    p.add_argument("--batch", type=int, default=256 if gpu else 8)
+    p.add_argument("--dtypes", default="bf16,fp16" if gpu else "fp32")
+    p.add_argument("--layouts", default="channels_last,contiguous")
+    p.add_argument("--ops", default="up2_fuse,lateral_up2_fuse,neck")
+    p.add_argument("--levels", default="1/16,1/8,1/4" if gpu else "1/4")
+    p.add_argument("--passes", default=",".join(cases.PASSES))
+    p.add_argument("--impls", default=None,
+                   help="comma list of eager,compile,<fused backends>; default: all that run here")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", default=None, help="output path without extension")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    machine = machine_name(device)
+    out_base = args.out or os.path.join(RESULTS_DIR, machine)
+    os.makedirs(os.path.dirname(out_base) or ".", exist_ok=True)
+    meta = {"device": machine, "torch": torch.__version__, "triton": triton_version}
+    passes = args.passes.split(",")
+    print(f"# litefpn_kernels benchmark on {machine} (torch {torch.__version__}, "
+          f"triton {triton_version}, batch {args.batch}"
+          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'})",
+          flush=True)
+
+    records = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        for layout in args.layouts.split(","):
+            channels_last = layout == "channels_last"
+            copy = cases.copy_case(args.batch, dtype, device, channels_last)
+            copy_ms = time_ms(copy.run["eval"], device)
+            copy_gbps = copy.bytes["eval"] / copy_ms / 1e6
+            print(f"[{dtype_name} {layout}] copy of a 1/4-level map: {copy_ms:.3f} ms, "
+                  f"{copy_gbps:.1f} GB/s", flush=True)
+            records.append(dict(op="copy", backend="torch", **{"pass": "eval"}, dtype=dtype_name,
+                                layout=layout, batch=args.batch, median_ms=copy_ms,
+                                gbps=copy_gbps, pct_copy_bw=100.0, peak_mem_mb=None,
+                                speedup_vs_eager=None, speedup_vs_compile=None, **meta))
+            for op in args.ops.split(","):
+                levels = [None] if op == "neck" else args.levels.split(",")
+                impls = ["eager", "compile"] + cases.fused_backends(op, device)
+                if args.impls:
+                    impls = [i for i in impls if i in args.impls.split(",")]
+                for level in levels:
+                    group = []
+                    for impl in impls:
+                        case = build_cases(op, level, impl, args.batch, dtype, device,
+                                           channels_last)
+                        for pass_name in passes:
+                            fn = case.run[pass_name]
+                            ms = time_ms(fn, device)
+                            mem = peak_mem_mb(fn, device)
+                            nbytes = case.bytes[pass_name]
+                            gbps = nbytes / ms / 1e6 if nbytes else None
+                            rec = dict(op=case.op, backend=impl, **{"pass": pass_name},
+                                       dtype=dtype_name, layout=layout, batch=args.batch,
+                                       median_ms=ms, gbps=gbps,
+                                       pct_copy_bw=100.0 * gbps / copy_gbps if gbps else None,
+                                       peak_mem_mb=mem, **meta)
+                            group.append(rec)
+                            bw = f"{gbps:8.1f} GB/s ({rec['pct_copy_bw']:5.1f}% copy)" if gbps else ""
+                            print(f"[{dtype_name} {layout}] {case.op:24s} {pass_name:8s} "
+                                  f"{impl:8s} {ms:10.3f} ms {bw} peak {mem:8.1f} MB", flush=True)
+                        del case
+                    _add_speedups(group)
+                    records.extend(group)
+
+    with open(out_base + ".json", "w") as f:
+        json.dump(records, f, indent=1)
+    with open(out_base + ".md", "w") as f:
+        f.write(markdown(records, meta, args))
+    plot(records, out_base + ".png", machine)
+    print(f"\nwrote {out_base}.json, .md, .png\n")
+    print(markdown(records, meta, args))
+
+
+def _add_speedups(group):
+    by_pass = {}
+    for r in group:
+        by_pass.setdefault(r["pass"], {})[r["backend"]] = r["median_ms"]
+    for r in group:
+        ref = by_pass[r["pass"]]
+        r["speedup_vs_eager"] = ref["eager"] / r["median_ms"] if "eager" in ref else None
+        r["speedup_vs_compile"] = ref["compile"] / r["median_ms"] if "compile" in ref else None
+
+
+def _f(v, fmt):
+    return "" if v is None else format(v, fmt)
+
+
+def markdown(records, meta, args):
+    lines = [f"# litefpn_kernels benchmark: {meta['device']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, batch {args.batch}, "
+             f"command `python -m benchmarks.run {' '.join(sys.argv[1:])}`".rstrip(), "",
+             "| op | pass | dtype | layout | backend | median ms | GB/s | % copy | peak MB "
+             "| x eager | x compile |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        lines.append(
+            f"| {r['op']} | {r['pass']} | {r['dtype']} | {r['layout']} | {r['backend']} | "
+            f"{r['median_ms']:.3f} | {_f(r['gbps'], '.1f')} | {_f(r['pct_copy_bw'], '.1f')} | "
+            f"{_f(r['peak_mem_mb'], '.1f')} | {_f(r['speedup_vs_eager'], '.2f')} | "
+            f"{_f(r['speedup_vs_compile'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records, path, machine):
+    """Speed-up over eager per op and pass, one panel per dtype x layout."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r["op"] != "copy"]
+    panels = sorted({(r["dtype"], r["layout"]) for r in rows})
+    impls = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels)), squeeze=False)
+    for ax, (dtype, layout) in zip(axes[:, 0], panels):
+        sel = [r for r in rows if (r["dtype"], r["layout"]) == (dtype, layout)]
+        groups = list(dict.fromkeys((r["op"], r["pass"]) for r in sel))
+        width = 0.8 / max(len(impls), 1)
+        for k, impl in enumerate(impls):
+            vals = {(r["op"], r["pass"]): r["speedup_vs_eager"] for r in sel if r["backend"] == impl}
+            xs = [i + k * width for i, g in enumerate(groups) if vals.get(g)]
+            ys = [vals[g] for g in groups if vals.get(g)]
+            ax.bar(xs, ys, width, label=impl)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        ax.set_xticklabels([f"{o}\n{p}" for o, p in groups], fontsize=7)
+        ax.set_ylabel("speed-up vs eager")
+        ax.set_title(f"{machine}: {dtype}, {layout}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
