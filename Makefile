@@ -43,7 +43,7 @@ env: $(ENV_STAMP)
 build: build/.ext
 
 test: build/.ext
-	@$(PYTHON) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	@LITEFPN_REQUIRE_EXT=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - treating as a failure"; exit 1; fi; \
 	exit $$rc
 

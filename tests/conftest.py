@@ -34,3 +34,11 @@ def make_feats(batch=2, top=(4, 6), in_channels=(8, 12, 16, 24), dtype=torch.flo
             t = t.to(memory_format=torch.channels_last)
         feats.append(t.requires_grad_(requires_grad))
     return feats
+
+
+def pytest_configure(config):
+    # `make test` builds the extension first; there a missing _C is a broken build, not a skip.
+    if os.environ.get("LITEFPN_REQUIRE_EXT") == "1":
+        from litefpn_kernels import backends
+        if backends.extension() is None:
+            raise pytest.UsageError("LITEFPN_REQUIRE_EXT=1 but litefpn_kernels._C is not built")

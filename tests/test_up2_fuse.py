@@ -1,0 +1,371 @@
+"""litefpn::up2_fuse on every backend against the eager composition (functional.py)."""
+import pytest
+import torch
+
+from litefpn_kernels import backends, ops
+from litefpn_kernels.functional import up2_fuse_reference
+
+CPU = torch.device("cpu")
+
+# (backend, device) pairs; CUDA ones run on a GPU machine only
+BACKEND_DEVICES = [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cpu", id="triton-interpreter"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
+]
+
+# coarse shapes [N, C, H, W]: odd, 1, non-powers of two
+SHAPES = [(2, 3, 4, 5), (1, 2, 1, 1), (2, 4, 3, 1), (1, 3, 1, 6), (2, 5, 7, 3)]
+
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
+       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def need(backend, device):
+    device = torch.device(device)
+    reason = backends.unavailable_reason(backend, device)
+    if reason is not None:
+        pytest.skip(reason)
+    return device
+
+
+def layout(t, kind):
+    """contiguous, channels_last, or a non-contiguous view with odd strides."""
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":  # every other column of a wider tensor, channels permuted
+        n, c, h, w = t.shape
+        wide = torch.zeros(n, h, c, 2 * w, dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t.permute(0, 2, 1, 3)
+        view = wide.permute(0, 2, 1, 3)[..., ::2]
+        assert torch.equal(view, t) and not view.is_contiguous()
+        return view
+    return t.contiguous()
+
+
+def make_inputs(shape, dtype, device, kind="contiguous", weighted=True, gates=False, seed=0,
+                requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    coarse = layout(rand(n, c, h, w).to(device=device, dtype=dtype), kind)
+    fine = layout(rand(n, c, 2 * h, 2 * w).to(device=device, dtype=dtype), kind)
+    kw = {}
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if weighted:
+        kw["w_coarse"] = (rand(1) + 1).to(device=device, dtype=acc)
+        kw["w_fine"] = (rand(1) - 0.5).to(device=device, dtype=acc)
+    if gates:
+        kw["gate_coarse"] = torch.sigmoid(rand(n, c)).to(device=device, dtype=acc)
+        kw["gate_fine"] = torch.sigmoid(rand(n, c)).to(device=device, dtype=acc)
+    tensors = [coarse, fine] + list(kw.values())
+    for t in tensors:
+        t.requires_grad_(requires_grad)
+    return coarse, fine, kw
+
+
+def reference64(coarse, fine, kw):
+    """The eager composition in float64 from the same (possibly low-precision) inputs."""
+    up = {k: v.double() for k, v in kw.items()}
+    return up2_fuse_reference(coarse.double(), fine.double(), up.get("w_coarse"),
+                              up.get("w_fine"), 1e-4, up.get("gate_coarse"), up.get("gate_fine"))
+
+
+# ----------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+def test_forward_matches_eager(backend, device, dtype, kind):
+    device = need(backend, device)
+    for i, shape in enumerate(SHAPES):
+        for weighted, gates in ((False, False), (True, False), (True, True), (False, True)):
+            coarse, fine, kw = make_inputs(shape, dtype, device, kind, weighted, gates, seed=i)
+            out = ops.up2_fuse(coarse, fine, **kw, backend=backend)
+            assert out.dtype == dtype and out.shape == fine.shape
+            torch.testing.assert_close(out.double(), reference64(coarse, fine, kw), **TOL[dtype])
+            if kind == "channels_last":
+                assert out.is_contiguous(memory_format=torch.channels_last)
+            elif kind == "contiguous":
+                assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_forward_eps_and_extreme_weights(backend, device):
+    """softplus above its threshold (20) and a large eps follow F.softplus exactly."""
+    device = need(backend, device)
+    coarse, fine, _ = make_inputs((1, 2, 3, 4), torch.float64, device, weighted=False)
+    for wc, wf, eps in ((25.0, -30.0, 1e-4), (0.0, 0.0, 0.5), (-5.0, 21.0, 0.0)):
+        kw = dict(w_coarse=torch.tensor([wc], dtype=torch.float64, device=device),
+                  w_fine=torch.tensor([wf], dtype=torch.float64, device=device))
+        out = ops.up2_fuse(coarse, fine, **kw, eps=eps, backend=backend)
+        ref = up2_fuse_reference(coarse, fine, kw["w_coarse"], kw["w_fine"], eps)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_nan_and_inf_propagate_like_eager(backend, device):
+    device = need(backend, device)
+    coarse, fine, kw = make_inputs((1, 2, 4, 4), torch.float32, device)
+    coarse[0, 0, 1, 2] = float("nan")
+    fine[0, 1, 3, 3] = float("inf")
+    out = ops.up2_fuse(coarse, fine, **kw, backend=backend)
+    ref = up2_fuse_reference(coarse, fine, kw["w_coarse"], kw["w_fine"])
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_weights_in_fp32_with_low_precision_activations(backend, device):
+    """fp32 parameters with bf16 activations (AMP): the output keeps the activation dtype."""
+    device = need(backend, device)
+    coarse, fine, kw = make_inputs((2, 3, 4, 5), torch.bfloat16, device)
+    assert kw["w_coarse"].dtype == torch.float32
+    out = ops.up2_fuse(coarse, fine, **kw, backend=backend)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference64(coarse, fine, kw), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_empty_batch(backend, device):
+    device = need(backend, device)
+    coarse, fine, kw = make_inputs((0, 3, 4, 5), torch.float32, device, gates=True,
+                                   requires_grad=True)
+    out = ops.up2_fuse(coarse, fine, **kw, backend=backend)
+    assert out.shape == (0, 3, 8, 10)
+    out.sum().backward()
+    assert coarse.grad.shape == coarse.shape and kw["w_coarse"].grad.shape == (1,)
+    assert kw["w_coarse"].grad.item() == 0
+
+
+# ----------------------------------------------------------------------------- backward
+def _grads(fn, coarse, fine, kw, grad):
+    out = fn(coarse, fine, kw)
+    leaves = [coarse, fine] + list(kw.values())
+    return torch.autograd.grad(out, leaves, grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+def test_backward_matches_eager(backend, device, dtype, kind):
+    device = need(backend, device)
+    for i, shape in enumerate(SHAPES):
+        for weighted, gates in ((False, False), (True, False), (True, True)):
+            coarse, fine, kw = make_inputs(shape, dtype, device, kind, weighted, gates, seed=i,
+                                           requires_grad=True)
+            grad = layout(torch.randn(fine.shape, dtype=dtype, device=device), kind)
+            got = _grads(lambda c, f, k: ops.up2_fuse(c, f, **k, backend=backend),
+                         coarse, fine, kw, grad)
+            want = _grads(lambda c, f, k: reference64(c, f, k), coarse, fine, kw, grad.double())
+            names = ["coarse", "fine"] + list(kw)
+            for name, a, b, t in zip(names, got, want, [coarse, fine] + list(kw.values())):
+                assert a.dtype == t.dtype and a.shape == t.shape, name
+                tol = TOL[dtype] if name in ("coarse", "fine") else TOL[
+                    torch.float64 if dtype == torch.float64 else torch.float32]
+                scale = max(1.0, b.abs().max().item())  # sums over many pixels: relative
+                torch.testing.assert_close(a.double() / scale, b / scale, **tol,
+                                           msg=lambda m: f"{name} ({shape}): {m}")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_backward_with_expanded_grad(backend, device):
+    """out.sum().backward() hands the kernel a zero-stride gradient."""
+    device = need(backend, device)
+    coarse, fine, kw = make_inputs((2, 3, 4, 5), torch.float64, device, gates=True,
+                                   requires_grad=True)
+    got = _grads(lambda c, f, k: ops.up2_fuse(c, f, **k, backend=backend).sum(), coarse, fine,
+                 kw, None)
+    want = _grads(lambda c, f, k: reference64(c, f, k).sum(), coarse, fine, kw, None)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_only_some_inputs_need_grad(backend, device):
+    device = need(backend, device)
+    coarse, fine, kw = make_inputs((2, 3, 4, 5), torch.float64, device, gates=True)
+    kw["w_fine"].requires_grad_()
+    coarse.requires_grad_()
+    out = ops.up2_fuse(coarse, fine, **kw, backend=backend)
+    out.backward(torch.ones_like(out))
+    ref_c = coarse.detach().clone().requires_grad_()
+    ref_w = kw["w_fine"].detach().clone().requires_grad_()
+    ref = reference64(ref_c, fine, {**kw, "w_fine": ref_w})
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(coarse.grad, ref_c.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kw["w_fine"].grad, ref_w.grad, rtol=1e-11, atol=1e-11)
+    assert fine.grad is None and kw["w_coarse"].grad is None
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_gradcheck_full_tiny(backend, device, kind):
+    device = need(backend, device)
+    for shape in ((1, 2, 1, 1), (1, 2, 2, 3)):
+        coarse, fine, kw = make_inputs(shape, torch.float64, device, kind, gates=True,
+                                       requires_grad=True)
+        fn = lambda c, f, wc, wf, gc, gf: ops.up2_fuse(  # noqa: E731
+            c, f, wc, wf, gate_coarse=gc, gate_fine=gf, backend=backend)
+        args = (coarse, fine, kw["w_coarse"], kw["w_fine"], kw["gate_coarse"], kw["gate_fine"])
+        assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_gradcheck_fast_mode_medium(backend, device):
+    device = need(backend, device)
+    coarse, fine, kw = make_inputs((2, 8, 9, 7), torch.float64, device, "channels_last",
+                                   gates=True, requires_grad=True)
+    fn = lambda c, f, wc, wf, gc, gf: ops.up2_fuse(  # noqa: E731
+        c, f, wc, wf, gate_coarse=gc, gate_fine=gf, backend=backend)
+    args = (coarse, fine, kw["w_coarse"], kw["w_fine"], kw["gate_coarse"], kw["gate_fine"])
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_backward_is_bitwise_deterministic(backend, device, kind):
+    device = need(backend, device)
+    coarse, fine, kw = make_inputs((2, 16, 12, 10), torch.float32, device, kind, gates=True,
+                                   requires_grad=True)
+    grad = torch.randn(fine.shape, device=device)
+    first = _grads(lambda c, f, k: ops.up2_fuse(c, f, **k, backend=backend), coarse, fine, kw,
+                   grad)
+    for _ in range(2):
+        again = _grads(lambda c, f, k: ops.up2_fuse(c, f, **k, backend=backend), coarse, fine,
+                       kw, grad)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_cpu_backend_independent_of_thread_count():
+    device = need("cpu", "cpu")
+    coarse, fine, kw = make_inputs((2, 16, 12, 10), torch.float32, device, "channels_last",
+                                   gates=True, requires_grad=True)
+    grad = torch.randn(fine.shape)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_grads(lambda c, f, k: ops.up2_fuse(c, f, **k, backend="cpu"),
+                                  coarse, fine, kw, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- op machinery
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_opcheck(backend, device):
+    device = need(backend, device)
+    for kind, gates in (("contiguous", False), ("channels_last", True)):
+        coarse, fine, kw = make_inputs((2, 3, 3, 4), torch.float64, device, kind, gates=gates,
+                                       requires_grad=True)
+        args = (coarse, fine, kw["w_coarse"], kw["w_fine"], kw.get("gate_coarse"),
+                kw.get("gate_fine"), 1e-4, backend)
+        torch.library.opcheck(torch.ops.litefpn.up2_fuse.default, args)
+        coarse, fine, _ = make_inputs((2, 3, 3, 4), torch.float32, device, kind, weighted=False,
+                                      requires_grad=True)
+        torch.library.opcheck(torch.ops.litefpn.up2_fuse.default,
+                              (coarse, fine, None, None, None, None, 1e-4, backend))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_torch_compile_fullgraph(backend, device):
+    device = need(backend, device)
+    torch._dynamo.reset()
+
+    def f(c, fi, wc, wf, gc, gf):
+        return torch.relu(ops.up2_fuse(c, fi, wc, wf, gate_coarse=gc, gate_fine=gf,
+                                       backend=backend)) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    coarse, fine, kw = make_inputs((2, 3, 4, 5), torch.float32, device, gates=True,
+                                   requires_grad=True)
+    args = (coarse, fine, kw["w_coarse"], kw["w_fine"], kw["gate_coarse"], kw["gate_fine"])
+    out = compiled(*args)
+    ref = f(*args)
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out.sum(), args)
+    want = torch.autograd.grad(ref.sum(), args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_eager_backend_is_the_reference():
+    coarse, fine, kw = make_inputs((2, 3, 4, 5), torch.float32, CPU, gates=True)
+    out = ops.up2_fuse(coarse, fine, **kw, backend="eager")
+    ref = up2_fuse_reference(coarse, fine, kw["w_coarse"], kw["w_fine"], 1e-4,
+                             kw["gate_coarse"], kw["gate_fine"])
+    assert torch.equal(out, ref)
+
+
+def test_auto_picks_a_working_backend_on_cpu():
+    coarse, fine, kw = make_inputs((2, 3, 4, 5), torch.float32, CPU)
+    expected = "cpu" if backends.unavailable_reason("cpu", CPU) is None else "eager"
+    assert backends.resolve("auto", CPU) == expected
+    torch.testing.assert_close(ops.up2_fuse(coarse, fine, **kw),
+                               ops.up2_fuse(coarse, fine, **kw, backend="eager"))
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cpu", CPU) is not None,
+                    reason="C++ extension not built")
+def test_int64_indexing_past_2_pow_31_elements():
+    """fine with > 2**31 elements (fp16, ~4 GiB): offsets need 64-bit arithmetic."""
+    n, c, h, w = 1, 2, 16384, 16385  # fine: 2 * 32768 * 32770 = 2.15e9 elements
+    assert 4 * n * c * h * w > 2**31
+    coarse = torch.randn(n, c, h, w, dtype=torch.float16)
+    fine = torch.empty(n, c, 2 * h, 2 * w, dtype=torch.float16)
+    fine.fill_(0.5)
+    wc, wf = torch.tensor([1.0]), torch.tensor([2.0])
+    out = ops.up2_fuse(coarse, fine, wc, wf, backend="cpu")
+    del fine
+    # check the last rows of the last channel (offsets past 2**31) against the reference
+    tail_c = coarse[:, -1:, -3:]
+    ref = up2_fuse_reference(tail_c, torch.full((n, 1, 6, 2 * w), 0.5, dtype=torch.float16),
+                             wc, wf)
+    torch.testing.assert_close(out[:, -1:, -4:], ref[:, :, -4:], **TOL[torch.float16])
+    torch.testing.assert_close(out[:, :1, :4], up2_fuse_reference(
+        coarse[:, :1, :3], torch.full((n, 1, 6, 2 * w), 0.5, dtype=torch.float16), wc, wf)[:, :, :4],
+        **TOL[torch.float16])
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs_name_the_argument():
+    coarse, fine, kw = make_inputs((2, 3, 4, 5), torch.float32, CPU)
+    up = ops.up2_fuse
+    cases = [
+        (lambda: up(coarse[0], fine), ValueError, "coarse must be a 4-D"),
+        (lambda: up(coarse, fine[0]), ValueError, "fine must be a 4-D"),
+        (lambda: up(coarse, fine[:1]), ValueError, "fine has batch 1 but coarse has batch 2"),
+        (lambda: up(coarse, fine[:, :2]), ValueError, "fine has 2 channels but coarse has 3"),
+        (lambda: up(coarse, fine[..., :9]), ValueError, "exactly 2x coarse"),
+        (lambda: up(coarse, fine.double()), TypeError, "fine has dtype torch.float64"),
+        (lambda: up(coarse, fine.to("meta")), ValueError, "fine is on meta"),
+        (lambda: up(coarse.int(), fine.int()), TypeError, "coarse has unsupported dtype"),
+        (lambda: up(coarse, fine, kw["w_coarse"]), ValueError, "w_coarse and w_fine"),
+        (lambda: up(coarse, fine, None, kw["w_fine"]), ValueError, "w_coarse and w_fine"),
+        (lambda: up(coarse, fine, torch.ones(2), kw["w_fine"]), ValueError, "w_coarse must be a tensor of shape \\[1\\]"),
+        (lambda: up(coarse, fine, kw["w_coarse"], torch.ones(1, 1)), ValueError, "w_fine must be a tensor of shape \\[1\\]"),
+        (lambda: up(coarse, fine, kw["w_coarse"], torch.ones(1, dtype=torch.long)), TypeError, "w_fine must be floating"),
+        (lambda: up(coarse, fine, gate_coarse=torch.ones(2, 4)), ValueError, "gate_coarse must have shape \\[N, C\\]"),
+        (lambda: up(coarse, fine, gate_fine=torch.ones(3)), ValueError, "gate_fine must have shape"),
+        (lambda: up(coarse, fine, gate_fine=torch.ones(2, 3, device="meta")), ValueError, "gate_fine is on meta"),
+        (lambda: up(coarse, fine, eps=-1.0), ValueError, "eps"),
+        (lambda: up(coarse, fine, backend="tpu"), ValueError, "backend must be 'auto' or one of"),
+        (lambda: up(coarse, fine, backend="cuda"), RuntimeError, "backend='cuda' is not available"),
+    ]
+    for fn, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            fn()
+
+
+def test_direct_op_call_validates_too():
+    coarse, fine, _ = make_inputs((2, 3, 4, 5), torch.float32, CPU)
+    with pytest.raises(ValueError, match="exactly 2x coarse"):
+        torch.ops.litefpn.up2_fuse(coarse, fine[..., :9], None, None, None, None, 1e-4, "eager")
