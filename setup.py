@@ -27,7 +27,7 @@ def _extensions():
         return [CUDAExtension(
             "litefpn_kernels._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"],
-                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-DWITH_CUDA"]},
+                                "nvcc": ["-O3", "-lineinfo", "-DWITH_CUDA"]},
             extra_link_args=["-fopenmp"])]
     return [CppExtension("litefpn_kernels._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])]

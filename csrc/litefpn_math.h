@@ -30,28 +30,27 @@ LITEFPN_HD void fusion_weights(acc_t w_coarse, acc_t w_fine, acc_t eps, acc_t& a
   beta = sp_f / denom;
 }
 
-// Forward taps along one axis: fine index `o` reads coarse indices i0, i1 with weights w0, w1.
-//   out[2i]   = 0.25 * x[max(i-1, 0)] + 0.75 * x[i]
-//   out[2i+1] = 0.75 * x[i]           + 0.25 * x[min(i+1, n-1)]
+// Forward taps along one axis, exactly those of F.interpolate(scale_factor=2, mode="bilinear",
+// align_corners=False): fine index `o` reads coarse i0 = max((o-1)>>1, 0) and
+// i1 = min(i0+1, n-1) with weights w0 + w1 = 1:
+//   o = 0:            1    * x[0]   + 0    * x[1]    (eager reads x[1] with weight 0, so a
+//                                                     NaN/Inf there reaches out[0] too)
+//   o = 2i (i >= 1):  0.25 * x[i-1] + 0.75 * x[i]
+//   o = 2i+1:         0.75 * x[i]   + 0.25 * x[min(i+1, n-1)]
 template <typename acc_t>
 LITEFPN_HD void up2_taps(int64_t o, int64_t n_coarse, int64_t& i0, int64_t& i1, acc_t& w0, acc_t& w1) {
-  const int64_t i = o >> 1;
-  if ((o & 1) == 0) {
-    i0 = i > 0 ? i - 1 : 0;
-    i1 = i;
-    w0 = acc_t(0.25);
-    w1 = acc_t(0.75);
-  } else {
-    i0 = i;
-    i1 = i + 1 < n_coarse ? i + 1 : n_coarse - 1;
-    w0 = acc_t(0.75);
-    w1 = acc_t(0.25);
-  }
+  i0 = o > 0 ? (o - 1) >> 1 : 0;
+  i1 = i0 + 1 < n_coarse ? i0 + 1 : n_coarse - 1;
+  w1 = o == 0 ? acc_t(0) : ((o & 1) ? acc_t(0.25) : acc_t(0.75));
+  w0 = acc_t(1) - w1;
 }
 
 // Backward (gather) taps along one axis: coarse index `i` collects fine indices
 // clamp(2i-1), 2i, 2i+1, clamp(2i+2) (clamped to [0, 2n-1]) with weights 1/4, 3/4, 3/4, 1/4.
-// Clamping reproduces the border rows where one coarse pixel carries the full weight 1.
+// Clamping reproduces the border rows where one coarse pixel carries the full weight 1. (Eager's
+// backward also adds 0 * grad[0] into coarse index 1, the zero-weight tap of o = 0; the gather
+// leaves that product out, so a NaN/Inf in grad_out's first fine row or column does not reach
+// grad_coarse's second one. Every other non-finite value propagates as in eager.)
 constexpr int kGatherTaps = 4;
 
 template <typename acc_t>

@@ -3,8 +3,8 @@
 One place decides availability, so every operator gives the same clear error for a backend that
 is unknown or not built on this machine.
 """
-import functools
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -20,35 +20,35 @@ AUTO_ORDER = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def extension():
-    """The compiled `litefpn_kernels._C`, or None (warned about once) when it is not built."""
+def _load_extension():
     try:
         return importlib.import_module("litefpn_kernels._C")
     except ImportError as exc:
         warnings.warn(
             f"litefpn_kernels: the C++/CUDA extension is not built ({exc}); the 'cpu' and 'cuda' "
             "backends are unavailable, 'eager' and 'triton' still work. Build it with "
-            "`pip install -e . --no-build-isolation`.", RuntimeWarning, stacklevel=3)
+            "`pip install -e . --no-build-isolation`.", RuntimeWarning, stacklevel=2)
         return None
 
 
-def _has_kernel(op_name, dispatch_key):
-    return extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"litefpn::{op_name}", dispatch_key)
+# Everything `resolve` depends on is settled once, at import: backend choice is then plain
+# Python over constants, which torch.compile traces without a graph break.
+_EXTENSION = _load_extension()
+#: dispatch keys ("CPU", "CUDA") the compiled extension has kernels for.
+_COMPILED_FOR = frozenset(
+    key for key in ("CPU", "CUDA")
+    if _EXTENSION is not None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("litefpn::_up2_fuse_fwd", key))
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
+def extension():
+    """The compiled `litefpn_kernels._C`, or None (warned about once, at import) if not built."""
+    return _EXTENSION
 
 
 def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_importable():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def unavailable_reason(backend, device):
@@ -59,18 +59,18 @@ def unavailable_reason(backend, device):
     if backend == "cpu":
         if dev != "cpu":
             return f"the 'cpu' backend runs CPU tensors only, got a {dev} tensor"
-        if not _has_kernel("_up2_fuse_fwd", "CPU"):
+        if "CPU" not in _COMPILED_FOR:
             return "the C++ extension litefpn_kernels._C is not built"
         return None
     if backend == "cuda":
         if dev != "cuda":
             return f"the 'cuda' backend runs CUDA tensors only, got a {dev} tensor"
-        if not _has_kernel("_up2_fuse_fwd", "CUDA"):
+        if "CUDA" not in _COMPILED_FOR:
             return ("litefpn_kernels._C was built without CUDA kernels (needs a CUDA torch and "
                     "nvcc at build time, or FORCE_CUDA=1)")
         return None
     if backend == "triton":
-        if not _triton_importable():
+        if not _TRITON_IMPORTABLE:
             return "triton is not installed"
         if dev == "cuda":
             return None

@@ -166,7 +166,7 @@ def test_backward_matches_eager(backend, device, dtype, kind):
                 tol = TOL[dtype] if name in ("coarse", "fine") else TOL[
                     torch.float64 if dtype == torch.float64 else torch.float32]
                 scale = max(1.0, b.abs().max().item())  # sums over many pixels: relative
-                torch.testing.assert_close(a.double() / scale, b / scale, **tol,
+                torch.testing.assert_close(a.double() / scale, b.double() / scale, **tol,
                                            msg=lambda m: f"{name} ({shape}): {m}")
 
 

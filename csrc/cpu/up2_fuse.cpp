@@ -1,0 +1,318 @@
+// CPU kernels of litefpn::_up2_fuse_fwd / _up2_fuse_bwd (schemas in csrc/ops.cpp).
+//
+// This file is the torch-facing half: argument checks, output allocation, the fusion weights,
+// choice of layout path and of instruction set, and the at::parallel_for over work units. The
+// arithmetic lives in up2_fuse_impl.h, compiled once per instruction set
+// (up2_fuse_kernels_default.cpp, up2_fuse_kernels_avx2.cpp); the AVX2 variant is used when the
+// CPU supports AVX2+FMA+F16C, unless the environment variable LITEFPN_CPU_ISA=default asks for
+// the baseline one (for testing both).
+//
+// Paths (see up2_fuse_impl.h): "nhwc" when the fine-side output (out / grad_fine) has unit
+// channel stride and C > 1 (channels_last), else "plane" (NCHW, and every other layout). Inside
+// a path, any tensor whose rows are not unit-stride acc_t is read / written through small row
+// buffers, so every stride (zero strides of an expanded grad_out included) is handled without a
+// copy of a whole activation.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#define LITEFPN_X86 1
+#else
+#define LITEFPN_X86 0
+#endif
+
+#include "litefpn_math.h"
+#include "up2_fuse_kernels.h"
+
+namespace litefpn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// ----------------------------------------------------------------------------- ISA choice
+bool cpu_has_avx2_fma_f16c() {
+#if LITEFPN_X86
+  unsigned int eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const bool fma = ecx & (1u << 12), osxsave = ecx & (1u << 27), avx = ecx & (1u << 28),
+             f16c = ecx & (1u << 29);
+  if (!(fma && osxsave && avx && f16c)) return false;
+  // The OS must save the YMM state (XCR0 bits 1 and 2).
+  unsigned int xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0x6u) != 0x6u) return false;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  return (ebx & (1u << 5)) != 0;  // AVX2
+#else
+  return false;
+#endif
+}
+
+const Up2KernelTable& kernels() {
+  static const Up2KernelTable* table = [] {
+    const char* env = std::getenv("LITEFPN_CPU_ISA");
+    const bool force_default = env != nullptr && std::strcmp(env, "default") == 0;
+    const Up2KernelTable* avx2 = up2_kernel_table_avx2();
+    if (!force_default && avx2 != nullptr && cpu_has_avx2_fma_f16c()) return avx2;
+    return up2_kernel_table_default();
+  }();
+  return *table;
+}
+
+// ----------------------------------------------------------------------------- helpers
+int dtype_index(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kUp2F32;
+    case at::kDouble: return kUp2F64;
+    case at::kHalf: return kUp2F16;
+    case at::kBFloat16: return kUp2BF16;
+    default: return -1;
+  }
+}
+
+at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Up2View view_of(const Tensor& t) {
+  Up2View v;
+  v.data = const_cast<void*>(t.const_data_ptr());
+  for (int d = 0; d < 4; ++d) v.s[d] = t.stride(d);
+  return v;
+}
+
+// Fine elements per work unit that we aim for (one unit = a run of coarse rows); units are
+// fixed by the shape, so sums do not depend on the thread count.
+constexpr int64_t kUnitFineElems = int64_t(1) << 15;
+// Minimum fine elements per at::parallel_for task.
+constexpr int64_t kGrainFineElems = int64_t(1) << 15;
+
+void set_chunks(Up2Args& a, bool nhwc) {
+  const int64_t per_row = 4 * a.W * (nhwc ? a.C : 1);  // fine elements per coarse row
+  int64_t rpc = (kUnitFineElems + per_row - 1) / per_row;
+  if (rpc < 1) rpc = 1;
+  if (rpc > a.H) rpc = a.H;
+  a.rows_per_chunk = rpc;
+  a.nchunks = (a.H + rpc - 1) / rpc;
+}
+
+int64_t grain_units(const Up2Args& a, bool nhwc) {
+  const int64_t per_unit = a.rows_per_chunk * 4 * a.W * (nhwc ? a.C : 1);
+  const int64_t g = kGrainFineElems / (per_unit > 0 ? per_unit : 1);
+  return g < 1 ? 1 : g;
+}
+
+void check_common(const Tensor& coarse, const Tensor& fine, const std::optional<Tensor>& w_coarse,
+                  const std::optional<Tensor>& w_fine, const std::optional<Tensor>& gate_coarse,
+                  const std::optional<Tensor>& gate_fine, const char* op) {
+  TORCH_CHECK(coarse.device().is_cpu() && fine.device().is_cpu(), op,
+              ": coarse and fine must be CPU tensors, got ", coarse.device(), " and ", fine.device());
+  TORCH_CHECK(coarse.dim() == 4 && fine.dim() == 4, op,
+              ": coarse and fine must be 4-D [N, C, H, W], got shapes ", coarse.sizes(), " and ",
+              fine.sizes());
+  TORCH_CHECK(coarse.scalar_type() == fine.scalar_type(), op,
+              ": coarse and fine must have the same dtype, got ", coarse.scalar_type(), " and ",
+              fine.scalar_type());
+  TORCH_CHECK(dtype_index(fine.scalar_type()) >= 0, op, ": unsupported dtype ",
+              fine.scalar_type(), " (expected float16, bfloat16, float32 or float64)");
+  const int64_t N = coarse.size(0), C = coarse.size(1), H = coarse.size(2), W = coarse.size(3);
+  TORCH_CHECK(fine.size(0) == N && fine.size(1) == C && fine.size(2) == 2 * H &&
+                  fine.size(3) == 2 * W,
+              op, ": fine must be [N, C, 2H, 2W] for coarse [N, C, H, W]; got coarse ",
+              coarse.sizes(), " and fine ", fine.sizes());
+  const at::ScalarType acc = acc_scalar_type(fine.scalar_type());
+  TORCH_CHECK(w_coarse.has_value() == w_fine.has_value(), op,
+              ": w_coarse and w_fine must be given together or both be None");
+  for (const auto* w : {&w_coarse, &w_fine}) {
+    if (!w->has_value()) continue;
+    const Tensor& t = **w;
+    TORCH_CHECK(t.device().is_cpu(), op, ": fusion weights must be CPU tensors, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == acc && t.numel() == 1, op,
+                ": fusion weights must be [1] tensors of the accumulation dtype ", acc, ", got ",
+                t.scalar_type(), " with shape ", t.sizes());
+  }
+  for (const auto* g : {&gate_coarse, &gate_fine}) {
+    if (!g->has_value()) continue;
+    const Tensor& t = **g;
+    TORCH_CHECK(t.device().is_cpu(), op, ": gates must be CPU tensors, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == acc && t.dim() == 2 && t.size(0) == N && t.size(1) == C &&
+                    t.is_contiguous(),
+                op, ": gates must be contiguous [N, C] = [", N, ", ", C,
+                "] tensors of the accumulation dtype ", acc, ", got ", t.scalar_type(),
+                " with shape ", t.sizes());
+  }
+}
+
+// ca[n*C+c] = alpha*gate_coarse[n,c], cb[n*C+c] = beta*gate_fine[n,c].
+template <typename acc_t>
+void plane_scales(const std::optional<Tensor>& w_coarse, const std::optional<Tensor>& w_fine,
+                  const std::optional<Tensor>& gate_coarse, const std::optional<Tensor>& gate_fine,
+                  double eps, int64_t NC, std::vector<acc_t>& ca, std::vector<acc_t>& cb) {
+  acc_t alpha = acc_t(1), beta = acc_t(1);
+  if (w_coarse.has_value()) {
+    ::litefpn::fusion_weights<acc_t>(w_coarse->const_data_ptr<acc_t>()[0],
+                                     w_fine->const_data_ptr<acc_t>()[0], static_cast<acc_t>(eps),
+                                     alpha, beta);
+  }
+  ca.assign(NC, alpha);
+  cb.assign(NC, beta);
+  if (gate_coarse.has_value()) {
+    const acc_t* g = gate_coarse->const_data_ptr<acc_t>();
+    for (int64_t i = 0; i < NC; ++i) ca[i] = alpha * g[i];
+  }
+  if (gate_fine.has_value()) {
+    const acc_t* g = gate_fine->const_data_ptr<acc_t>();
+    for (int64_t i = 0; i < NC; ++i) cb[i] = beta * g[i];
+  }
+}
+
+template <typename acc_t>
+void run_units(Up2Fn fn, const Up2Args& a, bool bwd, bool nhwc, int64_t units) {
+  const int64_t scratch_elems = up2_scratch_layout(bwd, nhwc, a.W, a.C).total();
+  at::parallel_for(0, units, grain_units(a, nhwc), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<acc_t[]> scratch(new acc_t[scratch_elems]);
+    fn(a, begin, end, scratch.get());
+  });
+}
+
+// ----------------------------------------------------------------------------- forward
+Tensor up2_fuse_fwd_cpu(const Tensor& coarse, const Tensor& fine,
+                        const std::optional<Tensor>& w_coarse, const std::optional<Tensor>& w_fine,
+                        const std::optional<Tensor>& gate_coarse,
+                        const std::optional<Tensor>& gate_fine, double eps) {
+  check_common(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, "_up2_fuse_fwd");
+  Tensor out = at::empty_like(fine);
+  if (out.numel() == 0) return out;
+  Up2Args a{};
+  a.N = coarse.size(0);
+  a.C = coarse.size(1);
+  a.H = coarse.size(2);
+  a.W = coarse.size(3);
+  a.coarse = view_of(coarse);
+  a.fine = view_of(fine);
+  a.out = view_of(out);
+  const bool nhwc = a.C > 1 && out.stride(1) == 1;
+  set_chunks(a, nhwc);
+  const int di = dtype_index(fine.scalar_type());
+  const Up2KernelTable& k = kernels();
+  const Up2Fn fn = nhwc ? k.fwd_nhwc[di] : k.fwd_plane[di];
+  const int64_t units = (nhwc ? a.N : a.N * a.C) * a.nchunks;
+  AT_DISPATCH_FLOATING_TYPES(acc_scalar_type(fine.scalar_type()), "up2_fuse_fwd_cpu", [&] {
+    std::vector<scalar_t> ca, cb;
+    plane_scales<scalar_t>(w_coarse, w_fine, gate_coarse, gate_fine, eps, a.N * a.C, ca, cb);
+    a.ca = ca.data();
+    a.cb = cb.data();
+    run_units<scalar_t>(fn, a, /*bwd=*/false, nhwc, units);
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------- backward
+std::tuple<Tensor, Tensor, Tensor, Tensor> up2_fuse_bwd_cpu(
+    const Tensor& grad_out, const Tensor& coarse, const Tensor& fine,
+    const std::optional<Tensor>& w_coarse, const std::optional<Tensor>& w_fine,
+    const std::optional<Tensor>& gate_coarse, const std::optional<Tensor>& gate_fine, double eps,
+    bool need_sums) {
+  check_common(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, "_up2_fuse_bwd");
+  TORCH_CHECK(grad_out.device().is_cpu(), "_up2_fuse_bwd: grad_out must be a CPU tensor, got ",
+              grad_out.device());
+  TORCH_CHECK(grad_out.sizes() == fine.sizes(), "_up2_fuse_bwd: grad_out must have fine's shape ",
+              fine.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == fine.scalar_type(),
+              "_up2_fuse_bwd: grad_out must have fine's dtype ", fine.scalar_type(), ", got ",
+              grad_out.scalar_type());
+  const at::ScalarType acc = acc_scalar_type(fine.scalar_type());
+  const int64_t N = coarse.size(0), C = coarse.size(1);
+  Tensor grad_coarse = at::empty_like(coarse);
+  Tensor grad_fine = at::empty_like(fine);
+  const std::vector<int64_t> sum_shape =
+      need_sums ? std::vector<int64_t>{N, C} : std::vector<int64_t>{0};
+  Tensor sum_coarse = at::empty(sum_shape, fine.options().dtype(acc));
+  Tensor sum_fine = at::empty_like(sum_coarse);
+  if (fine.numel() == 0) {
+    grad_coarse.zero_();
+    grad_fine.zero_();
+    sum_coarse.zero_();
+    sum_fine.zero_();
+    return {grad_coarse, grad_fine, sum_coarse, sum_fine};
+  }
+  Up2Args a{};
+  a.N = N;
+  a.C = C;
+  a.H = coarse.size(2);
+  a.W = coarse.size(3);
+  a.coarse = view_of(coarse);
+  a.fine = view_of(fine);
+  a.grad_out = view_of(grad_out);
+  a.grad_coarse = view_of(grad_coarse);
+  a.grad_fine = view_of(grad_fine);
+  const bool nhwc = C > 1 && grad_fine.stride(1) == 1;
+  set_chunks(a, nhwc);
+  const int di = dtype_index(fine.scalar_type());
+  const Up2KernelTable& k = kernels();
+  const Up2Fn fn = nhwc ? k.bwd_nhwc[di] : k.bwd_plane[di];
+  const int64_t units = (nhwc ? N : N * C) * a.nchunks;
+  AT_DISPATCH_FLOATING_TYPES(acc, "up2_fuse_bwd_cpu", [&] {
+    std::vector<scalar_t> ca, cb;
+    plane_scales<scalar_t>(w_coarse, w_fine, gate_coarse, gate_fine, eps, N * C, ca, cb);
+    a.ca = ca.data();
+    a.cb = cb.data();
+    // Partial sums per unit; with a single chunk per (n, c) they are the sums themselves.
+    std::vector<scalar_t> part_c, part_f;
+    if (need_sums) {
+      if (a.nchunks == 1) {
+        a.part_coarse = sum_coarse.data_ptr<scalar_t>();
+        a.part_fine = sum_fine.data_ptr<scalar_t>();
+      } else {
+        const int64_t per_unit = nhwc ? C : 1;
+        part_c.resize(units * per_unit);
+        part_f.resize(units * per_unit);
+        a.part_coarse = part_c.data();
+        a.part_fine = part_f.data();
+      }
+    }
+    run_units<scalar_t>(fn, a, /*bwd=*/true, nhwc, units);
+    if (need_sums && a.nchunks > 1) {
+      // Fixed-order reduction of the chunk partials: chunk 0, 1, ... for every (n, c).
+      scalar_t* sc = sum_coarse.data_ptr<scalar_t>();
+      scalar_t* sf = sum_fine.data_ptr<scalar_t>();
+      const int64_t nch = a.nchunks;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t accc = 0, accf = 0;
+          for (int64_t k = 0; k < nch; ++k) {
+            const int64_t idx = nhwc ? (n * nch + k) * C + c : (n * C + c) * nch + k;
+            accc += part_c[idx];
+            accf += part_f[idx];
+          }
+          sc[n * C + c] = accc;
+          sf[n * C + c] = accf;
+        }
+      }
+    }
+  });
+  return {grad_coarse, grad_fine, sum_coarse, sum_fine};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace litefpn
+
+TORCH_LIBRARY_IMPL(litefpn, CPU, m) {
+  m.impl("_up2_fuse_fwd", &litefpn::cpu::up2_fuse_fwd_cpu);
+  m.impl("_up2_fuse_bwd", &litefpn::cpu::up2_fuse_bwd_cpu);
+}

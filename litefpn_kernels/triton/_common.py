@@ -1,0 +1,127 @@
+"""Triton device helpers shared by the fused operators (the Triton twin of csrc/litefpn_math.h).
+
+Small `@triton.jit` functions, inlined into the kernels: the bilinear 2x taps
+(align_corners=False) in both directions, and the softplus-normalised fusion weights. Host-side
+helpers for launching (device guard, int64 decision, eps split) live here too.
+"""
+import contextlib
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+#: True when this module was imported with TRITON_INTERPRET=1 (kernels run on CPU tensors).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def softplus(x):
+    """F.softplus with its defaults (beta=1, threshold=20): x above 20 passes through.
+
+    log1p(e) is computed as log(u) * e / (u - 1) with u = 1 + e (exact to a few ulp also where
+    e << 1, unlike log(1 + e)); for u == 1 it is e itself. exp's argument is capped at 20 so the
+    discarded branch never overflows.
+    """
+    e = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + e
+    d = u - 1.0
+    lp = tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def fusion_weights(wc_ptr, wf_ptr, eps_hi, eps_lo, ACC: tl.constexpr):
+    """(alpha, beta) = sp(w_c) / D, sp(w_f) / D with D = sp(w_c) + sp(w_f) + eps, in ACC.
+
+    The weights are [1] tensors read in-kernel (no host sync); eps arrives as two fp32 halves
+    (eps_hi + eps_lo) so an fp64 accumulation sees it to ~1e-15.
+    """
+    sp_c = softplus(tl.load(wc_ptr).to(ACC))
+    sp_f = softplus(tl.load(wf_ptr).to(ACC))
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+    denom = sp_c + sp_f + eps
+    return sp_c / denom, sp_f / denom
+
+
+@triton.jit
+def fusion_coef(w_ptr, gate_ptr, gate_off, gate_mask, weight, HAS_W: tl.constexpr,
+                HAS_GATE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel coefficient weight * gate[gate_off] as a [BLOCK] vector in ACC.
+
+    `weight` is alpha or beta (ignored without HAS_W: then 1); without HAS_GATE the gate is 1.
+    """
+    coef = tl.full([BLOCK], 1.0, ACC)
+    if HAS_GATE:
+        coef = tl.load(gate_ptr + gate_off, mask=gate_mask, other=0.0).to(ACC)
+    if HAS_W:
+        coef = coef * weight
+    return coef
+
+
+@triton.jit
+def up2_taps(o, n):
+    """Forward taps along one axis, as csrc/litefpn_math.h (eager's exactly): fine index o reads
+    coarse i0 = max((o-1) >> 1, 0) and i1 = min(i0+1, n-1) with weights w0 + w1 = 1:
+    (1, 0) at o = 0 (eager reads x[1] with weight 0: a NaN there reaches out[0]), (.25, .75) at
+    even o >= 2, (.75, .25) at odd o. (o-1) >> 1 is an arithmetic shift: -1 for o = 0.
+    """
+    i0 = tl.maximum((o - 1) >> 1, 0)
+    i1 = tl.minimum(i0 + 1, n - 1)
+    w1 = tl.where(o == 0, 0.0, tl.where((o & 1) == 1, 0.25, 0.75))
+    return i0, i1, 1.0 - w1, w1
+
+
+@triton.jit
+def up2_gather_taps(i, n):
+    """Backward (gather) taps along one axis: coarse index i collects fine indices
+    clamp(2i-1), 2i, 2i+1, clamp(2i+2) (clamped to [0, 2n-1]) with weights 1/4, 3/4, 3/4, 1/4.
+    Clamping reproduces the borders, where one coarse pixel carries the full weight 1."""
+    f0 = tl.maximum(2 * i - 1, 0)
+    f3 = tl.minimum(2 * i + 2, 2 * n - 1)
+    return f0, 2 * i, 2 * i + 1, f3
+
+
+@triton.jit
+def gather4(ptr, o0, o1, o2, o3, mask, ACC: tl.constexpr):
+    """.25*p[o0] + .75*p[o1] + .75*p[o2] + .25*p[o3] in ACC: one axis of Up2^T."""
+    v0 = tl.load(ptr + o0, mask=mask, other=0.0).to(ACC)
+    v1 = tl.load(ptr + o1, mask=mask, other=0.0).to(ACC)
+    v2 = tl.load(ptr + o2, mask=mask, other=0.0).to(ACC)
+    v3 = tl.load(ptr + o3, mask=mask, other=0.0).to(ACC)
+    return 0.25 * (v0 + v3) + 0.75 * (v1 + v2)
+
+
+# ----------------------------------------------------------------------------- host helpers
+def acc_tl_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def split_eps(eps):
+    """eps as two fp32 values whose (fp64) sum is eps to ~1e-15 relative."""
+    hi = float(np.float32(eps))
+    return hi, float(np.float32(eps - hi))
+
+
+def needs_int64(*tensors, limit=2 ** 30):
+    """True when an element offset (or a masked lane's, one block past the end) may reach 2^31.
+
+    The bound has a 2x margin for masked lanes; tensors of up to 2^30 elements use int32 math.
+    """
+    for t in tensors:
+        if t is None:
+            continue
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if max(span, t.numel()) >= limit:
+            return True
+    return False
+
+
+def device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def next_pow2(x):
+    return triton.next_power_of_2(max(1, int(x)))
