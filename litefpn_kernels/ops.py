@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .functional import FUSION_EPS, up2_fuse_reference
+from .functional import (FUSION_EPS, fusion_weights, lateral_up2_fuse_reference,
+                         up2_fuse_reference)
 
-__all__ = ["up2_fuse"]
+__all__ = ["up2_fuse", "lateral_up2_fuse"]
 
 #: activation dtypes the fused kernels take (float64 is for gradcheck: CPU and the interpreter).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,15 +45,15 @@ def _check_same(name, t, ref_name, ref):
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
-def _check_up2_pair(coarse_name, coarse, fine_name, fine):
-    """`fine` must be exactly twice `coarse` spatially, with the same batch and channels."""
+def _check_up2_pair(coarse_name, coarse, fine_name, fine, same_channels=True):
+    """`fine` must be exactly twice `coarse` spatially, with the same batch (and channels)."""
     _check_4d(coarse_name, coarse)
     _check_4d(fine_name, fine)
     _check_same(fine_name, fine, coarse_name, coarse)
     n, c, h, w = coarse.shape
     if fine.shape[0] != n:
         raise ValueError(f"{fine_name} has batch {fine.shape[0]} but {coarse_name} has batch {n}")
-    if fine.shape[1] != c:
+    if same_channels and fine.shape[1] != c:
         raise ValueError(f"{fine_name} has {fine.shape[1]} channels but {coarse_name} has {c}")
     if tuple(fine.shape[2:]) != (2 * h, 2 * w):
         raise ValueError(f"{fine_name} must be exactly 2x {coarse_name} spatially: expected "
@@ -244,3 +245,307 @@ def up2_fuse(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor] = None,
         return up2_fuse_reference(coarse, fine, w_coarse, w_fine, eps, gate_coarse, gate_fine)
     return torch.ops.litefpn.up2_fuse(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine,
                                       float(eps), name)
+
+
+# ============================================================================= lateral_up2_fuse
+# One top-down level: out = alpha*gc*Up2(coarse) + beta*gf*BN(conv1x1(z)), with F.batch_norm's
+# semantics. The kernels (contracts in csrc/ops.cpp) never write y = conv1x1(z): BatchNorm is
+# folded into the 1x1 weight (W' = diag(gamma*r) W, b' = beta - mean*gamma*r, r = 1/sqrt(var+eps))
+# and, in training, the batch statistics of y come from the mean and covariance of z:
+# mean_y = W mean_z, var_y = diag(W cov_z W^T). Only small [C, Cin]-sized math runs here.
+
+def _check_vector(name, t, length, ref_name, ref):
+    if not isinstance(t, Tensor) or tuple(t.shape) != (length,):
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape [{length}] (the output channels), got {got}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_lateral(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                   training, momentum, bn_eps, w_coarse, w_fine, gate_coarse, gate_fine, eps):
+    _check_up2_pair("coarse", coarse, "z", z, same_channels=False)
+    c, c_in = coarse.shape[1], z.shape[1]
+    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4 or \
+            tuple(conv_weight.shape[2:]) != (1, 1):
+        got = tuple(conv_weight.shape) if isinstance(conv_weight, Tensor) else type(conv_weight)
+        raise ValueError(f"conv_weight must be a 1x1 convolution weight [C, Cin, 1, 1], got {got}")
+    if conv_weight.shape[0] != c:
+        raise ValueError(f"conv_weight has {conv_weight.shape[0]} output channels but coarse has "
+                         f"{c} channels")
+    if conv_weight.shape[1] != c_in:
+        raise ValueError(f"conv_weight has Cin={conv_weight.shape[1]} but z has {c_in} channels")
+    if not conv_weight.is_floating_point() or conv_weight.device != z.device:
+        raise ValueError(f"conv_weight must be a floating point tensor on {z.device}, got "
+                         f"{conv_weight.dtype} on {conv_weight.device}")
+    _check_vector("bn_weight", bn_weight, c, "z", z)
+    _check_vector("bn_bias", bn_bias, c, "z", z)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None: "
+                         "no running statistics)")
+    if running_mean is not None:
+        _check_vector("running_mean", running_mean, c, "z", z)
+        _check_vector("running_var", running_var, c, "z", z)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not training and running_mean is None:
+        raise ValueError("training=False needs running_mean and running_var (eval BatchNorm "
+                         "normalises with the running statistics)")
+    if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if not isinstance(bn_eps, (int, float)) or not bn_eps >= 0:
+        raise ValueError(f"bn_eps must be a non-negative number, got {bn_eps!r}")
+    _check_fusion_params("coarse", coarse, w_coarse, w_fine, gate_coarse, gate_fine)
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    # (z is 2x coarse spatially, so a non-empty batch has >= 4 values per channel: F.batch_norm's
+    # "more than 1 value per channel when training" cannot arise.)
+
+
+def _lateral_kernels(backend):
+    """Namespace of the four lateral kernels (gram, fwd, grad_z, bwd_coarse) of a backend."""
+    if backend == "triton":
+        from .triton import lateral
+        return lateral
+    if backend in ("cpu", "cuda"):
+        ops = torch.ops.litefpn
+        return _KernelSet(ops._lateral_gram, ops._lateral_up2_fuse_fwd, ops._lateral_grad_z,
+                          ops._up2_fuse_bwd_coarse)
+    raise ValueError(f"no fused lateral_up2_fuse kernels for backend {backend!r}")
+
+
+class _KernelSet:
+    def __init__(self, gram, fwd, grad_z, bwd_coarse):
+        self.gram, self.fwd, self.grad_z, self.bwd_coarse = gram, fwd, grad_z, bwd_coarse
+
+
+def _out_like_z(coarse, z):
+    """The output [N, C, 2H, 2W] of a lateral level: z's dtype and memory format."""
+    n, _, h2, w2 = z.shape
+    fmt = (torch.channels_last if z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)
+           and not z.is_contiguous() else torch.contiguous_format)
+    return torch.empty((n, coarse.shape[1], h2, w2), dtype=z.dtype, device=z.device,
+                       memory_format=fmt)
+
+
+def _pilot(z, acc):
+    """A per-channel centre for z's sums (one of its own values): keeps the fp32 moment sums
+    accurate when z's mean is large against its spread."""
+    return z[0, :, 0, 0].to(acc).contiguous()
+
+
+def _batch_moments(kernels, z, acc):
+    """(mean_z [Cin], cov_z [Cin, Cin]) over (N, H, W), biased, in the accumulation dtype."""
+    pilot = _pilot(z, acc)
+    gram, colsum = kernels.gram(z, z, pilot, pilot)
+    count = z.shape[0] * z.shape[2] * z.shape[3]
+    d = colsum.sum(0) / count
+    cov = gram.sum(0) / count - torch.outer(d, d)
+    return pilot + d, cov
+
+
+def _y_moments(weight, mean_z, cov_z):
+    """Batch mean and biased variance of y = W z from z's moments."""
+    return weight @ mean_z, ((weight @ cov_z) * weight).sum(1).clamp_min(0)
+
+
+def _update_running_stats(running_mean, running_var, conv_weight, mean_z, cov_z, count,
+                          momentum):
+    """F.batch_norm's update: running = (1 - momentum)*running + momentum*batch, with the
+    unbiased variance."""
+    with torch.no_grad():
+        weight = conv_weight.reshape(conv_weight.shape[0], -1).to(mean_z.dtype)
+        mean_y, var_y = _y_moments(weight, mean_z, cov_z)
+        running_mean.mul_(1 - momentum).add_((momentum * mean_y).to(running_mean.dtype))
+        running_var.mul_(1 - momentum).add_(
+            (momentum * count / (count - 1) * var_y).to(running_var.dtype))
+
+
+@torch.library.custom_op("litefpn::lateral_up2_fuse", mutates_args=())
+def _lateral_op(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: Tensor,
+                bn_bias: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                training: bool, momentum: float, bn_eps: float, w_coarse: Optional[Tensor],
+                w_fine: Optional[Tensor], gate_coarse: Optional[Tensor],
+                gate_fine: Optional[Tensor], eps: float, backend: str
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (out, mean_z, cov_z). Functional: in training, the moments of z ([Cin], [Cin, Cin];
+    else [0] / [0, 0]) are saved for the backward instead of any activation, and
+    `lateral_up2_fuse` updates the running statistics from them."""
+    _check_lateral(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                   training, momentum, bn_eps, w_coarse, w_fine, gate_coarse, gate_fine, eps)
+    acc = acc_dtype(z.dtype)
+    c, c_in = conv_weight.shape[:2]
+    mean_z = z.new_empty((0,), dtype=acc)
+    cov_z = z.new_empty((0, 0), dtype=acc)
+    if z.numel() == 0:  # F.batch_norm leaves the running statistics alone on an empty batch
+        return _out_like_z(coarse, z), mean_z, cov_z
+    kernels = _lateral_kernels(backend)
+    weight = conv_weight.reshape(c, c_in).to(acc)
+    if training:
+        mean_z, cov_z = _batch_moments(kernels, z, acc)
+        mean_y, var_y = _y_moments(weight, mean_z, cov_z)
+    else:
+        mean_y, var_y = running_mean.to(acc), running_var.to(acc)
+    scale = bn_weight.to(acc) * torch.rsqrt(var_y + bn_eps)
+    shift = bn_bias.to(acc) - mean_y * scale
+    out = kernels.fwd(coarse, z, (scale[:, None] * weight).contiguous(), shift.contiguous(),
+                      _small(w_coarse, acc), _small(w_fine, acc), _small(gate_coarse, acc),
+                      _small(gate_fine, acc), float(eps))
+    return out, mean_z, cov_z
+
+
+@_lateral_op.register_fake
+def _(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+      bn_eps, w_coarse, w_fine, gate_coarse, gate_fine, eps, backend):
+    acc = acc_dtype(z.dtype)
+    c_in = z.shape[1]
+    stats = training and z.numel() > 0
+    return (_out_like_z(coarse, z), z.new_empty((c_in,) if stats else (0,), dtype=acc),
+            z.new_empty((c_in, c_in) if stats else (0, 0), dtype=acc))
+
+
+@torch.library.custom_op("litefpn::lateral_up2_fuse_backward", mutates_args=())
+def _lateral_backward_op(grad_out: Tensor, coarse: Tensor, z: Tensor, conv_weight: Tensor,
+                         bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor],
+                         running_var: Optional[Tensor], mean_z: Tensor, cov_z: Tensor,
+                         training: bool, bn_eps: float, w_coarse: Optional[Tensor],
+                         w_fine: Optional[Tensor], gate_coarse: Optional[Tensor],
+                         gate_fine: Optional[Tensor], eps: float, need_sums: bool, backend: str
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad_coarse, grad_z, grad_conv_weight, grad_bn_weight, grad_bn_bias, sum_coarse,
+    sum_fine); the sums ([N, C], or [0] without need_sums) feed `_fusion_param_grads`.
+
+    With h = m*g the gradient at BN's output (m[n, c] = beta*gate_fine), A = sum_n m_n A_n and
+    s = sum_n m_n s_n from the kernel sums A_n = sum_p g (z - zc)^T, s_n = sum_p g (zc: the
+    centre of z's sums: mean_z in training, a pilot value in eval):
+      d_gamma = r*(rowsum(W o A) + (W zc - mean_y)*s),  d_beta = s;
+      eval:  grad_W = gamma*r*(A + s zc^T),  grad_z = W'^T (m g);
+      train: grad_W = gamma*r*(A - (d_gamma*r) (W cov_z)),
+             grad_z = W'^T (m g) - Q z + (Q mean_z - W'^T s / M),  Q = W^T diag(gamma r^2 d_gamma / M) W.
+    """
+    acc = acc_dtype(z.dtype)
+    n, c = coarse.shape[:2]
+    c_in = z.shape[1]
+    if z.numel() == 0:
+        sums = z.new_zeros((n, c) if need_sums else (0,), dtype=acc)
+        return (torch.zeros_like(coarse), torch.zeros_like(z), torch.zeros_like(conv_weight),
+                torch.zeros_like(bn_weight), torch.zeros_like(bn_bias), sums, sums.clone())
+    kernels = _lateral_kernels(backend)
+    weight = conv_weight.reshape(c, c_in).to(acc)
+    gamma = bn_weight.to(acc)
+    if training:
+        zc = mean_z
+        mean_y, var_y = _y_moments(weight, mean_z, cov_z)
+    else:
+        zc, mean_y, var_y = _pilot(z, acc), running_mean.to(acc), running_var.to(acc)
+    r = torch.rsqrt(var_y + bn_eps)
+    scaled_w = (gamma * r)[:, None] * weight  # W'
+    m = torch.ones((n, c), dtype=acc, device=z.device)  # beta * gate_fine
+    if gate_fine is not None:
+        m = m * gate_fine.to(acc)
+    if w_coarse is not None:
+        m = m * fusion_weights(w_coarse.to(acc), w_fine.to(acc), eps)[1]
+
+    a_n, s_n = kernels.gram(grad_out, z, None, zc.contiguous())  # [N, C, Cin], [N, C]
+    a_sum = (m[:, :, None] * a_n).sum(0)
+    s = (m * s_n).sum(0)
+    d_gamma = r * ((weight * a_sum).sum(1) + (weight @ zc - mean_y) * s)
+    if training:
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        grad_w = (gamma * r)[:, None] * (a_sum - (d_gamma * r)[:, None] * (weight @ cov_z))
+        quad = weight.t() @ ((gamma * r * r * d_gamma / count)[:, None] * weight)
+        shift = quad @ mean_z - scaled_w.t() @ s / count
+        grad_z = kernels.grad_z(grad_out, z, scaled_w.contiguous(), m.contiguous(),
+                                quad.contiguous(), shift.contiguous())
+    else:
+        grad_w = (gamma * r)[:, None] * (a_sum + torch.outer(s, zc))
+        grad_z = kernels.grad_z(grad_out, z, scaled_w.contiguous(), m.contiguous(), None, None)
+    grad_coarse, sum_coarse = kernels.bwd_coarse(
+        grad_out, coarse, _small(w_coarse, acc), _small(w_fine, acc), _small(gate_coarse, acc),
+        float(eps), need_sums)
+    if need_sums:  # sum_p g * BN(conv(z)) = rowsum(W' o A_n) + (W' zc + b') * s_n
+        bias = bn_bias.to(acc) - mean_y * gamma * r
+        sum_fine = (scaled_w * a_n).sum(2) + (scaled_w @ zc + bias) * s_n
+    else:
+        sum_fine = sum_coarse.new_empty((0,))
+    return (grad_coarse, grad_z, grad_w.reshape(conv_weight.shape).to(conv_weight.dtype),
+            d_gamma.to(bn_weight.dtype), s.to(bn_bias.dtype), sum_coarse, sum_fine)
+
+
+@_lateral_backward_op.register_fake
+def _(grad_out, coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var, mean_z,
+      cov_z, training, bn_eps, w_coarse, w_fine, gate_coarse, gate_fine, eps, need_sums, backend):
+    sums = z.new_empty(_sum_shape(coarse, need_sums), dtype=acc_dtype(z.dtype))
+    return (torch.empty_like(coarse), torch.empty_like(z), torch.empty_like(conv_weight),
+            torch.empty_like(bn_weight), torch.empty_like(bn_bias), sums, torch.empty_like(sums))
+
+
+def _lateral_setup_context(ctx, inputs, output):
+    (coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+     bn_eps, w_coarse, w_fine, gate_coarse, gate_fine, eps, backend) = inputs
+    _, mean_z, cov_z = output
+    ctx.mark_non_differentiable(mean_z, cov_z)
+    # Only eval's backward reads the running statistics; training does not save them, since
+    # lateral_up2_fuse updates them in place right after this op.
+    if training:
+        running_mean = running_var = None
+    ctx.save_for_backward(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                          mean_z, cov_z, w_coarse, w_fine, gate_coarse, gate_fine)
+    ctx.training, ctx.bn_eps, ctx.eps, ctx.backend = training, bn_eps, eps, backend
+
+
+def _lateral_backward(ctx, grad_out, _grad_mean, _grad_cov):
+    (coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var, mean_z, cov_z,
+     w_coarse, w_fine, gate_coarse, gate_fine) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_params = (need[10], need[11], need[12], need[13])
+    (grad_coarse, grad_z, grad_w, grad_gamma, grad_beta, sum_coarse,
+     sum_fine) = torch.ops.litefpn.lateral_up2_fuse_backward(
+        grad_out, coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var, mean_z,
+        cov_z, ctx.training, ctx.bn_eps, w_coarse, w_fine, gate_coarse, gate_fine, ctx.eps,
+        any(need_params), ctx.backend)
+    grad_wc = grad_wf = grad_gc = grad_gf = None
+    if any(need_params):
+        grad_wc, grad_wf, grad_gc, grad_gf = _fusion_param_grads(
+            sum_coarse, sum_fine, w_coarse, w_fine, gate_coarse, gate_fine, ctx.eps, need_params)
+    keep = lambda g, i: g if need[i] else None  # noqa: E731
+    return (keep(grad_coarse, 0), keep(grad_z, 1), keep(grad_w, 2), keep(grad_gamma, 3),
+            keep(grad_beta, 4), None, None, None, None, None,
+            grad_wc, grad_wf, grad_gc, grad_gf, None, None)
+
+
+_lateral_op.register_autograd(_lateral_backward, setup_context=_lateral_setup_context)
+
+
+def lateral_up2_fuse(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: Tensor,
+                     bn_bias: Tensor, running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], training: bool, momentum: float = 0.1,
+                     bn_eps: float = 1e-5, w_coarse: Optional[Tensor] = None,
+                     w_fine: Optional[Tensor] = None, *, eps: float = FUSION_EPS,
+                     gate_coarse: Optional[Tensor] = None, gate_fine: Optional[Tensor] = None,
+                     backend: str = "auto") -> Tensor:
+    """``alpha*gate_coarse*Up2(coarse) + beta*gate_fine*BN(conv1x1(z))`` without writing the
+    convolution's output or the upsampled map.
+
+    BatchNorm follows `F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training,
+    momentum, bn_eps)`: eval normalises with the running statistics; training with the batch's
+    (biased variance) and updates running_mean / running_var in place (unbiased variance), unless
+    they are None. z: [N, Cin, 2H, 2W]; coarse: [N, C, H, W]; conv_weight: [C, Cin, 1, 1];
+    the rest as in `up2_fuse`. The output has z's dtype and memory format.
+    """
+    _check_lateral(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                   training, momentum, bn_eps, w_coarse, w_fine, gate_coarse, gate_fine, eps)
+    name = backends.resolve(backend, z.device)
+    if name == "eager":
+        return lateral_up2_fuse_reference(coarse, z, conv_weight, bn_weight, bn_bias,
+                                          running_mean, running_var, training, momentum, bn_eps,
+                                          w_coarse, w_fine, eps, gate_coarse, gate_fine)
+    out, mean_z, cov_z = torch.ops.litefpn.lateral_up2_fuse(
+        coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var, training,
+        float(momentum), float(bn_eps), w_coarse, w_fine, gate_coarse, gate_fine, float(eps), name)
+    if training and running_mean is not None and z.numel() > 0:
+        _update_running_stats(running_mean, running_var, conv_weight, mean_z, cov_z,
+                              z.shape[0] * z.shape[2] * z.shape[3], momentum)
+    return out

@@ -1,0 +1,40 @@
+"""Helpers shared by the operator tests: backends to run, tolerances, layouts."""
+import pytest
+import torch
+
+from litefpn_kernels import backends
+
+CPU = torch.device("cpu")
+
+# (backend, device) pairs; CUDA ones run on a GPU machine only
+BACKEND_DEVICES = [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cpu", id="triton-interpreter"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
+]
+
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
+       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def need(backend, device):
+    device = torch.device(device)
+    reason = backends.unavailable_reason(backend, device)
+    if reason is not None:
+        pytest.skip(reason)
+    return device
+
+
+def layout(t, kind):
+    """contiguous, channels_last, or a non-contiguous view with odd strides."""
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":  # every other column of a wider tensor, channels permuted
+        n, c, h, w = t.shape
+        wide = torch.zeros(n, h, c, 2 * w, dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t.permute(0, 2, 1, 3)
+        view = wide.permute(0, 2, 1, 3)[..., ::2]
+        assert torch.equal(view, t) and not view.is_contiguous()
+        return view
+    return t.contiguous()
