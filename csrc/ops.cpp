@@ -23,3 +23,26 @@ TORCH_LIBRARY_FRAGMENT(litefpn, m) {
         "Tensor? w_fine, Tensor? gate_coarse, Tensor? gate_fine, float eps, bool need_sums) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
+
+// Kernels of lateral_up2_fuse (one top-down level: up2_fuse(coarse, BN(conv1x1(z)))). The
+// composition of these into forward / backward, incl. BatchNorm statistics, is in ops.py.
+TORCH_LIBRARY_FRAGMENT(litefpn, m) {
+  // gram[n,i,j] = sum_hw (a[n,i,h,w]-a_center[i]) * (b[n,j,h,w]-b_center[j]),
+  // colsum[n,i] = sum_hw (a[n,i,h,w]-a_center[i]). a [N,Ca,H,W], b [N,Cb,H,W], same dtype;
+  // centers None (0) or [Ca] / [Cb]; outputs [N,Ca,Cb], [N,Ca] in the accumulation dtype.
+  m.def("_lateral_gram(Tensor a, Tensor b, Tensor? a_center, Tensor? b_center) "
+        "-> (Tensor, Tensor)");
+  // out[n,c,p] = alpha*gc[n,c]*Up2(coarse)[n,c,p] + beta*gf[n,c]*(sum_k weight[c,k]*z[n,k,p] + bias[c])
+  // weight [C,Cin], bias [C] (BN folded in); out [N,C,2H,2W] in z's memory format.
+  m.def("_lateral_up2_fuse_fwd(Tensor coarse, Tensor z, Tensor weight, Tensor bias, "
+        "Tensor? w_coarse, Tensor? w_fine, Tensor? gate_coarse, Tensor? gate_fine, float eps) "
+        "-> Tensor");
+  // grad_z[n,k,p] = sum_c weight[c,k]*scale[n,c]*grad_out[n,c,p] - sum_j quad[k,j]*z[n,j,p] + shift[k]
+  // scale None (1) or [N,C]; quad None or [Cin,Cin]; shift None or [Cin]; grad_z like z.
+  m.def("_lateral_grad_z(Tensor grad_out, Tensor z, Tensor weight, Tensor? scale, Tensor? quad, "
+        "Tensor? shift) -> Tensor");
+  // The coarse half of up2_fuse's backward: grad_coarse = alpha*gc*Up2^T(grad_out) and, with
+  // need_sum, sum_coarse[n,c] = sum_hw grad_out*Up2(coarse) (else an empty [0] tensor).
+  m.def("_up2_fuse_bwd_coarse(Tensor grad_out, Tensor coarse, Tensor? w_coarse, Tensor? w_fine, "
+        "Tensor? gate_coarse, float eps, bool need_sum) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,729 @@
+// CUDA kernels of one lateral_up2_fuse level (schemas at the end of csrc/ops.cpp; ops.py
+// composes them, BatchNorm statistics included):
+//   _lateral_gram          gram[n,i,j] = sum_p (a-ac[i])(b-bc[j]), colsum[n,i] = sum_p (a-ac[i])
+//   _lateral_up2_fuse_fwd  out = ca*Up2(coarse) + cb*(weight.z + bias)    (y = weight.z never stored)
+//   _lateral_grad_z        grad_z = sum_c weight[c,k]*scale[n,c]*g[n,c] - quad.z + shift
+//   _up2_fuse_bwd_coarse   the coarse half of _up2_fuse_bwd (common.cuh, WITH_FINE = false)
+//
+// The three GEMM-shaped ops are small-K channel mixes over pixels (K = C_in or C: 32..256), done
+// with one SIMT tiling: 256 threads as a 16x16 grid, each owning a TM x 4 (or TM x TM) register
+// tile; kBK-deep slices of both operands are staged (converted to the accumulation type) in
+// shared memory. Accumulation is in fp32 (fp64 for fp64), in a fixed order:
+//   * channel mix (fwd, grad_z): out tile [BM channels x 64 pixels] of sample n; the epilogue
+//     reads what it needs (coarse taps, bias, gates / shift) and writes `out` directly in its
+//     memory format; threads run along whichever of channel / pixel is unit-stride in `out`.
+//   * gram: tile [BM x BM] of sample n over one chunk of kGramChunk pixels; per-chunk partials
+//     are summed in chunk order by a second kernel: bitwise deterministic, no atomics.
+// Activations are read through their strides (NCHW, channels_last or anything else), loading
+// along whichever of channel / pixel is unit-stride; nothing is copied to a contiguous layout.
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cuda/common.cuh"
+
+namespace litefpn {
+namespace gpu {
+namespace {
+
+constexpr int kBK = 16;             // reduction slice staged in shared memory
+constexpr int kBN = 64;             // pixel tile of the channel mix
+constexpr int kPad = 4;             // shared rows padded: fewer bank conflicts, rows stay 16B-aligned
+constexpr int kTile = 16;           // the 16 x 16 thread grid
+constexpr int64_t kGramChunk = 512; // pixels per gram partial (multiple of kBK)
+static_assert(kTile * kTile == kThreads, "one thread per cell of the 16x16 grid");
+static_assert(kGramChunk % kBK == 0, "gram chunks are whole slices");
+
+// ============================================================================= channel mix
+// out[n, m, p] = sum over segments of sum_k A[m, k] * B[n, k, p], then an epilogue.
+template <typename acc_t>
+struct MixSegment {
+  const acc_t* A = nullptr;  // A[m, k] = A[m*a_sm + k*a_sk] (weights: small, fp32/fp64)
+  int64_t a_sm = 0, a_sk = 0;
+  const acc_t* scale = nullptr;  // [N, K] per-sample factor on A's columns, or null
+  acc_t coef = 1;
+  int64_t K = 0;
+  View4 B;                   // activations [N, K, Hp, Wp]
+  bool b_ch_contig = false;  // B's channel stride is 1: load along k (else along pixels)
+};
+
+template <typename acc_t>
+struct MixArgs {
+  int64_t N = 0, M = 0, Hp = 0, Wp = 0;  // output [N, M, Hp, Wp]
+  int64_t mtiles = 0, ptiles = 0;
+  MixSegment<acc_t> seg[2];
+  int nseg = 1;
+  bool m_fast = false;  // out's channel stride is 1: threads run along m for coalesced stores
+};
+
+template <int BM, typename acc_t>
+struct MixSmem {
+  alignas(16) acc_t A[kBK][BM + kPad];   // [k][m]
+  alignas(16) acc_t B[kBK][kBN + kPad];  // [k][pixel]
+};
+
+// Register tile of thread tid: rows tm*TM .. +TM-1 (channels), columns tn*4 .. +3 (pixels).
+LITEFPN_HD void mix_roles(bool m_fast, int tid, int& tm, int& tn) {
+  const int tx = tid % kTile, ty = tid / kTile;
+  tm = m_fast ? tx : ty;
+  tn = m_fast ? ty : tx;
+}
+
+// The kBLoads elements (kk, pp) of the B slice a thread loads: consecutive threads take
+// consecutive channels when those are unit-stride, else consecutive pixels.
+constexpr int kBLoads = kBK * kBN / kThreads;
+LITEFPN_HD void mix_b_slot(bool ch_contig, int tid, int r, int& kk, int& pp) {
+  if (ch_contig) {
+    kk = tid % kBK;
+    pp = tid / kBK + (kThreads / kBK) * r;
+  } else {
+    pp = tid % kBN;
+    kk = tid / kBN + (kThreads / kBN) * r;
+  }
+}
+
+// Offsets (without the channel term) of the pixels this thread loads; fixed for a tile.
+template <typename acc_t, typename index_t>
+LITEFPN_HD void mix_b_offsets(const MixSegment<acc_t>& s, const MixArgs<acc_t>& a, index_t n,
+                              index_t p0, int tid, index_t (&off)[kBLoads], bool (&ok)[kBLoads]) {
+  const index_t Wp = a.Wp, P = static_cast<index_t>(a.Hp) * Wp;
+#pragma unroll
+  for (int r = 0; r < kBLoads; ++r) {
+    int kk, pp;
+    mix_b_slot(s.b_ch_contig, tid, r, kk, pp);
+    const index_t p = p0 + pp;
+    ok[r] = p < P;
+    const index_t y = ok[r] ? p / Wp : 0, x = ok[r] ? p - y * Wp : 0;
+    off[r] = n * static_cast<index_t>(s.B.s[0]) + y * static_cast<index_t>(s.B.s[2]) +
+             x * static_cast<index_t>(s.B.s[3]);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+LITEFPN_HD void mix_load_b(const MixSegment<acc_of<scalar_t>>& s, index_t k0, int tid,
+                           const index_t (&off)[kBLoads], const bool (&ok)[kBLoads],
+                           acc_of<scalar_t> (*Bs)[kBN + kPad]) {
+  const scalar_t* X = static_cast<const scalar_t*>(s.B.data);
+  const index_t sC = static_cast<index_t>(s.B.s[1]);
+#pragma unroll
+  for (int r = 0; r < kBLoads; ++r) {
+    int kk, pp;
+    mix_b_slot(s.b_ch_contig, tid, r, kk, pp);
+    const index_t k = k0 + kk;
+    Bs[kk][pp] = ok[r] && k < s.K ? to_acc(X[off[r] + k * sC]) : acc_of<scalar_t>(0);
+  }
+}
+
+template <int BM, typename acc_t, typename index_t>
+LITEFPN_HD void mix_load_a(const MixSegment<acc_t>& s, int64_t M, index_t n, index_t m0,
+                           index_t k0, int tid, acc_t (*As)[BM + kPad]) {
+  for (int l = tid; l < BM * kBK; l += kThreads) {
+    const int mm = l % BM, kk = l / BM;
+    const int64_t m = int64_t(m0) + mm, k = int64_t(k0) + kk;
+    acc_t v = 0;
+    if (m < M && k < s.K) {
+      v = s.A[m * s.a_sm + k * s.a_sk] * s.coef;
+      if (s.scale != nullptr) v *= s.scale[int64_t(n) * s.K + k];
+    }
+    As[kk][mm] = v;
+  }
+}
+
+template <int BM, typename acc_t>
+LITEFPN_HD void mix_compute(int tm, int tn, const acc_t (*As)[BM + kPad],
+                            const acc_t (*Bs)[kBN + kPad], acc_t (&acc)[BM / kTile][4]) {
+  constexpr int TM = BM / kTile;
+#pragma unroll
+  for (int kk = 0; kk < kBK; ++kk) {
+    acc_t av[TM], bv[4];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) av[i] = As[kk][tm * TM + i];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tn * 4 + j];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+  }
+}
+
+// out = ca*Up2(coarse) + cb*(y + bias): the lateral_up2_fuse epilogue.
+template <typename scalar_t>
+struct FuseEpilogue {
+  using acc_t = acc_of<scalar_t>;
+  View4 coarse, out;
+  int64_t C = 0, H = 0, W = 0;  // coarse sizes; out is [N, C, 2H, 2W]
+  const acc_t* bias = nullptr;  // [C]
+  Up2Scales<acc_t> sc;
+
+  LITEFPN_HD void weights(acc_t& alpha, acc_t& beta) const { sc.weights(alpha, beta); }
+
+  template <int TM, typename index_t>
+  LITEFPN_HD void store(acc_t alpha, acc_t beta, index_t n, index_t m0, index_t p0, int tm, int tn,
+                        const acc_t (&acc)[TM][4]) const {
+    const index_t Cc = C, Hc = H, Wc = W, Wf = 2 * Wc, P = 4 * Hc * Wc;
+    const index_t csH = static_cast<index_t>(coarse.s[2]), csW = static_cast<index_t>(coarse.s[3]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const index_t p = p0 + tn * 4 + j;
+      if (p >= P) continue;
+      const index_t oy = p / Wf, ox = p - oy * Wf;
+      int64_t y0, y1, x0, x1;
+      acc_t wy0, wy1, wx0, wx1;
+      up2_taps<acc_t>(oy, Hc, y0, y1, wy0, wy1);
+      up2_taps<acc_t>(ox, Wc, x0, x1, wx0, wx1);
+      const index_t o00 = index_t(y0) * csH + index_t(x0) * csW;
+      const index_t o01 = index_t(y0) * csH + index_t(x1) * csW;
+      const index_t o10 = index_t(y1) * csH + index_t(x0) * csW;
+      const index_t o11 = index_t(y1) * csH + index_t(x1) * csW;
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const index_t m = m0 + tm * TM + i;
+        if (m >= Cc) continue;
+        const scalar_t* cp = at4<const scalar_t>(coarse, n, m, index_t(0), index_t(0));
+        const acc_t up = wy0 * (wx0 * to_acc(cp[o00]) + wx1 * to_acc(cp[o01])) +
+                         wy1 * (wx0 * to_acc(cp[o10]) + wx1 * to_acc(cp[o11]));
+        const index_t nc = n * Cc + m;
+        const acc_t v = sc.coarse_scale(alpha, nc) * up + sc.fine_scale(beta, nc) * (acc[i][j] + bias[m]);
+        *at4<scalar_t>(out, n, m, oy, ox) = static_cast<scalar_t>(v);
+      }
+    }
+  }
+};
+
+// out = y + shift: the grad_z epilogue.
+template <typename scalar_t>
+struct ShiftEpilogue {
+  using acc_t = acc_of<scalar_t>;
+  View4 out;                     // [N, M, Hp, Wp]
+  int64_t M = 0, Hp = 0, Wp = 0;
+  const acc_t* shift = nullptr;  // [M], or null
+
+  LITEFPN_HD void weights(acc_t& alpha, acc_t& beta) const { alpha = beta = acc_t(1); }
+
+  template <int TM, typename index_t>
+  LITEFPN_HD void store(acc_t, acc_t, index_t n, index_t m0, index_t p0, int tm, int tn,
+                        const acc_t (&acc)[TM][4]) const {
+    const index_t Mm = M, W_ = Wp, P = static_cast<index_t>(Hp) * W_;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const index_t p = p0 + tn * 4 + j;
+      if (p >= P) continue;
+      const index_t y = p / W_, x = p - y * W_;
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const index_t m = m0 + tm * TM + i;
+        if (m >= Mm) continue;
+        const acc_t v = shift != nullptr ? acc[i][j] + shift[m] : acc[i][j];
+        *at4<scalar_t>(out, n, m, y, x) = static_cast<scalar_t>(v);
+      }
+    }
+  }
+};
+
+// Tile b = (n*ptiles + pixel tile)*mtiles + channel tile: the channel tiles of one pixel tile
+// run side by side and share the activation slice in L2.
+struct MixTile {
+  int64_t n, m0, p0;
+};
+
+template <typename acc_t>
+LITEFPN_HD MixTile mix_tile_of(const MixArgs<acc_t>& a, int64_t b, int BM) {
+  const int64_t rest = b / a.mtiles;
+  return {rest / a.ptiles, (b % a.mtiles) * BM, (rest % a.ptiles) * kBN};
+}
+
+// One output tile: acc = sum over segments and kBK slices (fixed order).
+template <int BM, typename scalar_t, typename index_t>
+__device__ __forceinline__ void mix_tile(const MixArgs<acc_of<scalar_t>>& a, index_t n, index_t m0,
+                                         index_t p0, int tid, int tm, int tn,
+                                         MixSmem<BM, acc_of<scalar_t>>& sm,
+                                         acc_of<scalar_t> (&acc)[BM / kTile][4]) {
+#pragma unroll
+  for (int i = 0; i < BM / kTile; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0;
+#pragma unroll
+  for (int si = 0; si < 2; ++si) {
+    if (si >= a.nseg) break;
+    const MixSegment<acc_of<scalar_t>>& s = a.seg[si];
+    index_t off[kBLoads];
+    bool ok[kBLoads];
+    mix_b_offsets(s, a, n, p0, tid, off, ok);
+    for (int64_t k0 = 0; k0 < s.K; k0 += kBK) {
+      mix_load_a<BM>(s, a.M, n, m0, static_cast<index_t>(k0), tid, sm.A);
+      mix_load_b<scalar_t>(s, static_cast<index_t>(k0), tid, off, ok, sm.B);
+      __syncthreads();
+      mix_compute<BM>(tm, tn, sm.A, sm.B, acc);
+      __syncthreads();  // the next slice overwrites sm
+    }
+  }
+}
+
+// A block per output tile (mix_tile_of).
+template <typename scalar_t, typename index_t, int BM, class Epilogue>
+__global__ void __launch_bounds__(kThreads)
+    mix_kernel(const MixArgs<acc_of<scalar_t>> a, const Epilogue epi) {
+  using acc_t = acc_of<scalar_t>;
+  __shared__ MixSmem<BM, acc_t> sm;
+  const int tid = threadIdx.x;
+  int tm, tn;
+  mix_roles(a.m_fast, tid, tm, tn);
+  acc_t alpha, beta;
+  epi.weights(alpha, beta);
+  const int64_t tiles = a.N * a.ptiles * a.mtiles;
+  for (int64_t b = blockIdx.x; b < tiles; b += gridDim.x) {  // uniform across the block
+    const MixTile t = mix_tile_of(a, b, BM);
+    const index_t n = static_cast<index_t>(t.n), m0 = static_cast<index_t>(t.m0),
+                  p0 = static_cast<index_t>(t.p0);
+    acc_t acc[BM / kTile][4];
+    mix_tile<BM, scalar_t, index_t>(a, n, m0, p0, tid, tm, tn, sm, acc);
+    epi.template store<BM / kTile, index_t>(alpha, beta, n, m0, p0, tm, tn, acc);
+  }
+}
+
+template <typename scalar_t, int BM, class Epilogue>
+void mix_launch(const MixArgs<acc_of<scalar_t>>& a, const Epilogue& epi, bool use64) {
+  const int64_t tiles = a.N * a.ptiles * a.mtiles;
+  if (tiles == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_index(use64, [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    mix_kernel<scalar_t, index_t, BM, Epilogue><<<grid_for(tiles, 1), kThreads, 0, stream>>>(a, epi);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ============================================================================= gram
+template <typename acc_t>
+struct GramOperand {
+  View4 X;                         // [N, C, H, W]
+  int64_t C = 0;
+  const acc_t* center = nullptr;   // [C], or null (0)
+  bool ch_contig = false;          // channel stride 1: load along channels
+  bool hw_flat = false;            // pixel p sits at p * stride(3)
+};
+
+template <typename acc_t>
+struct GramArgs {
+  int64_t N = 0, W = 0, HW = 0;
+  GramOperand<acc_t> a, b;
+  int64_t chunk = 0, nchunks = 0, tiles_a = 0, tiles_b = 0;
+  acc_t* gram = nullptr;    // [N][nchunks][Ca][Cb] partials (the result when nchunks == 1)
+  acc_t* colsum = nullptr;  // [N][nchunks][Ca]
+};
+
+template <int BM, typename acc_t>
+struct GramSmem {
+  alignas(16) acc_t A[kBK][BM + kPad];  // [pixel][channel of a]
+  alignas(16) acc_t B[kBK][BM + kPad];  // [pixel][channel of b]
+};
+
+// S[px][cc] = X[n, c0+cc, p0+px] - center (0 outside the tensor or past p_end).
+template <int BM, typename scalar_t, typename index_t>
+LITEFPN_HD void gram_load(const GramOperand<acc_of<scalar_t>>& s, int64_t W, index_t n, index_t c0,
+                          index_t p0, index_t p_end, int tid, acc_of<scalar_t> (*S)[BM + kPad]) {
+  using acc_t = acc_of<scalar_t>;
+  const scalar_t* X = static_cast<const scalar_t*>(s.X.data);
+  const index_t sN = static_cast<index_t>(s.X.s[0]), sC = static_cast<index_t>(s.X.s[1]),
+                sH = static_cast<index_t>(s.X.s[2]), sW = static_cast<index_t>(s.X.s[3]);
+  const index_t Wd = W, Cx = s.C;
+  for (int l = tid; l < BM * kBK; l += kThreads) {
+    int cc, px;
+    if (s.ch_contig) {
+      cc = l % BM;
+      px = l / BM;
+    } else {
+      px = l % kBK;
+      cc = l / kBK;
+    }
+    const index_t ch = c0 + cc, p = p0 + px;
+    acc_t v = 0;
+    if (ch < Cx && p < p_end) {
+      index_t off;
+      if (s.hw_flat) {
+        off = p * sW;
+      } else {
+        const index_t y = p / Wd;
+        off = y * sH + (p - y * Wd) * sW;
+      }
+      v = to_acc(X[n * sN + ch * sC + off]);
+      if (s.center != nullptr) v -= s.center[ch];
+    }
+    S[px][cc] = v;
+  }
+}
+
+template <int BM, typename acc_t>
+LITEFPN_HD void gram_compute(int ti, int tj, const acc_t (*As)[BM + kPad],
+                             const acc_t (*Bs)[BM + kPad],
+                             acc_t (&acc)[BM / kTile][BM / kTile]) {
+  constexpr int TM = BM / kTile;
+#pragma unroll
+  for (int k = 0; k < kBK; ++k) {
+    acc_t av[TM], bv[TM];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) av[i] = As[k][ti * TM + i];
+#pragma unroll
+    for (int j = 0; j < TM; ++j) bv[j] = Bs[k][tj * TM + j];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TM; ++j) acc[i][j] += av[i] * bv[j];
+  }
+}
+
+// Block blk = ((n*nchunks + chunk)*tiles_a + a tile)*tiles_b + b tile: pixels
+// [p_begin, p_end) of sample n.
+struct GramBlock {
+  int64_t n, chunk, ta, tb, p_begin, p_end;
+};
+
+template <typename acc_t>
+LITEFPN_HD GramBlock gram_block_of(const GramArgs<acc_t>& g, int64_t blk) {
+  GramBlock b;
+  b.tb = blk % g.tiles_b;
+  int64_t rest = blk / g.tiles_b;
+  b.ta = rest % g.tiles_a;
+  rest /= g.tiles_a;
+  b.chunk = rest % g.nchunks;
+  b.n = rest / g.nchunks;
+  b.p_begin = b.chunk * g.chunk;
+  b.p_end = b.p_begin + g.chunk < g.HW ? b.p_begin + g.chunk : g.HW;
+  return b;
+}
+
+// Thread tid's gram cells (and, in b tile 0, threads < BM: one colsum entry) of block gb.
+template <int BM, typename acc_t>
+LITEFPN_HD void gram_store(const GramArgs<acc_t>& g, const GramBlock& gb, int tid,
+                           const acc_t (&acc)[BM / kTile][BM / kTile], acc_t cs) {
+  constexpr int TM = BM / kTile;
+  const int ti = tid / kTile, tj = tid % kTile;
+  const int64_t unit = gb.n * g.nchunks + gb.chunk, Ca = g.a.C, Cb = g.b.C;
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t r = gb.ta * BM + ti * TM + i;
+#pragma unroll
+    for (int j = 0; j < TM; ++j) {
+      const int64_t c = gb.tb * BM + tj * TM + j;
+      if (r < Ca && c < Cb) g.gram[(unit * Ca + r) * Cb + c] = acc[i][j];
+    }
+  }
+  if (gb.tb == 0 && tid < BM && gb.ta * BM + tid < Ca) g.colsum[unit * Ca + gb.ta * BM + tid] = cs;
+}
+
+// A block per (n, chunk, a tile, b tile); the blocks of b tile 0 also sum the a tile's columns.
+template <typename scalar_t, typename index_t, int BM>
+__global__ void __launch_bounds__(kThreads) gram_kernel(const GramArgs<acc_of<scalar_t>> g) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int TM = BM / kTile;
+  __shared__ GramSmem<BM, acc_t> sm;
+  acc_t(*As)[BM + kPad] = sm.A;
+  acc_t(*Bs)[BM + kPad] = sm.B;
+  const int tid = threadIdx.x, ti = tid / kTile, tj = tid % kTile;
+  const int64_t total = g.N * g.nchunks * g.tiles_a * g.tiles_b;
+  for (int64_t blk = blockIdx.x; blk < total; blk += gridDim.x) {  // uniform across the block
+    const GramBlock gb = gram_block_of(g, blk);
+    const index_t n = static_cast<index_t>(gb.n);
+    const index_t p_end = static_cast<index_t>(gb.p_end);
+    acc_t acc[TM][TM];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TM; ++j) acc[i][j] = 0;
+    acc_t cs = 0;
+    for (index_t p0 = static_cast<index_t>(gb.p_begin); p0 < p_end; p0 += kBK) {
+      gram_load<BM, scalar_t, index_t>(g.a, g.W, n, static_cast<index_t>(gb.ta * BM), p0, p_end, tid, As);
+      gram_load<BM, scalar_t, index_t>(g.b, g.W, n, static_cast<index_t>(gb.tb * BM), p0, p_end, tid, Bs);
+      __syncthreads();
+      if (gb.tb == 0 && tid < BM) {
+#pragma unroll
+        for (int k = 0; k < kBK; ++k) cs += As[k][tid];
+      }
+      gram_compute<BM>(ti, tj, As, Bs, acc);
+      __syncthreads();  // the next slice overwrites the tiles
+    }
+    gram_store<BM>(g, gb, tid, acc, cs);
+  }
+}
+
+// ============================================================================= ops
+using OptTensor = std::optional<Tensor>;
+
+// ---- plans: kernel arguments from tensors (host only, no launch)
+template <typename acc_t>
+GramOperand<acc_t> gram_operand(const Tensor& X, const OptTensor& center) {
+  GramOperand<acc_t> s;
+  s.X = view4(X);
+  s.C = X.size(1);
+  s.center = center.has_value() ? center->const_data_ptr<acc_t>() : nullptr;
+  s.ch_contig = X.size(1) > 1 && X.stride(1) == 1;
+  s.hw_flat = X.size(2) == 1 || X.stride(2) == X.size(3) * X.stride(3);
+  return s;
+}
+
+// Gram arguments without output pointers; BM = 32 when both channel counts fit one such tile.
+template <typename acc_t>
+GramArgs<acc_t> plan_gram(const Tensor& a, const Tensor& b, const OptTensor& a_center,
+                          const OptTensor& b_center, int& BM) {
+  const int64_t Ca = a.size(1), Cb = b.size(1);
+  BM = std::max(Ca, Cb) <= 32 ? 32 : 64;
+  GramArgs<acc_t> g;
+  g.N = a.size(0);
+  g.W = a.size(3);
+  g.HW = a.size(2) * a.size(3);
+  g.a = gram_operand<acc_t>(a, a_center);
+  g.b = gram_operand<acc_t>(b, b_center);
+  g.chunk = kGramChunk;
+  g.nchunks = ceil_div(g.HW, kGramChunk);
+  g.tiles_a = ceil_div(Ca, BM);
+  g.tiles_b = std::max<int64_t>(ceil_div(Cb, BM), 1);  // b tile 0 also yields colsum
+  return g;
+}
+
+template <typename acc_t>
+MixSegment<acc_t> mix_segment(const Tensor& A, int64_t a_sm, int64_t a_sk, const acc_t* scale,
+                              acc_t coef, const Tensor& B) {
+  MixSegment<acc_t> s;
+  s.A = A.const_data_ptr<acc_t>();
+  s.a_sm = a_sm;
+  s.a_sk = a_sk;
+  s.scale = scale;
+  s.coef = coef;
+  s.K = B.size(1);
+  s.B = view4(B);
+  s.b_ch_contig = B.size(1) > 1 && B.stride(1) == 1;
+  return s;
+}
+
+template <typename acc_t>
+MixArgs<acc_t> mix_args(const Tensor& out, int BM) {
+  MixArgs<acc_t> a;
+  a.N = out.size(0);
+  a.M = out.size(1);
+  a.Hp = out.size(2);
+  a.Wp = out.size(3);
+  a.mtiles = ceil_div(a.M, BM);
+  a.ptiles = ceil_div(a.Hp * a.Wp, kBN);
+  a.m_fast = a.M > 1 && out.stride(1) == 1;
+  return a;
+}
+
+// out = ca*Up2(coarse) + cb*(weight.z + bias); the channel tile is kFuseBM.
+constexpr int kFuseBM = 64;
+
+template <typename scalar_t>
+std::pair<MixArgs<acc_of<scalar_t>>, FuseEpilogue<scalar_t>> plan_fuse(
+    const Tensor& coarse, const Tensor& z, const Tensor& weight, const Tensor& bias,
+    const Tensor& out, const OptTensor& w_coarse, const OptTensor& w_fine,
+    const OptTensor& gate_coarse, const OptTensor& gate_fine, double eps) {
+  using acc_t = acc_of<scalar_t>;
+  MixArgs<acc_t> a = mix_args<acc_t>(out, kFuseBM);
+  a.seg[0] = mix_segment<acc_t>(weight, /*a_sm=*/z.size(1), /*a_sk=*/1, nullptr, acc_t(1), z);
+  a.nseg = 1;
+  FuseEpilogue<scalar_t> epi;
+  epi.coarse = view4(coarse);
+  epi.out = view4(out);
+  epi.C = coarse.size(1);
+  epi.H = coarse.size(2);
+  epi.W = coarse.size(3);
+  epi.bias = bias.const_data_ptr<acc_t>();
+  epi.sc = make_scales<acc_t>(w_coarse, w_fine, gate_coarse, gate_fine, eps);
+  return {a, epi};
+}
+
+// grad_z[k] = sum_c weight[c, k]*scale[n, c]*grad_out[c]  -  sum_j quad[k, j]*z[j]  + shift[k];
+// the channel tile BM is 32 for C_in <= 32 (the 1/4 level), else 64.
+template <typename scalar_t>
+std::pair<MixArgs<acc_of<scalar_t>>, ShiftEpilogue<scalar_t>> plan_grad_z(
+    const Tensor& grad_out, const Tensor& z, const Tensor& weight, const OptTensor& scale,
+    const OptTensor& quad, const OptTensor& shift, const Tensor& grad_z, int& BM) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t Cin = z.size(1);
+  BM = Cin <= 32 ? 32 : 64;
+  MixArgs<acc_t> a = mix_args<acc_t>(grad_z, BM);
+  a.seg[0] = mix_segment<acc_t>(weight, /*a_sm=*/1, /*a_sk=*/Cin,
+                                scale.has_value() ? scale->const_data_ptr<acc_t>() : nullptr,
+                                acc_t(1), grad_out);
+  a.nseg = 1;
+  if (quad.has_value()) {
+    a.seg[1] = mix_segment<acc_t>(*quad, /*a_sm=*/Cin, /*a_sk=*/1, nullptr, acc_t(-1), z);
+    a.nseg = 2;
+  }
+  ShiftEpilogue<scalar_t> epi;
+  epi.out = view4(grad_z);
+  epi.M = Cin;
+  epi.Hp = z.size(2);
+  epi.Wp = z.size(3);
+  epi.shift = shift.has_value() ? shift->const_data_ptr<acc_t>() : nullptr;
+  return {a, epi};
+}
+
+// ---- torch-facing ops
+std::tuple<Tensor, Tensor> lateral_gram_cuda(const Tensor& a, const Tensor& b,
+                                             const OptTensor& a_center, const OptTensor& b_center) {
+  constexpr const char* op = "_lateral_gram";
+  check_4d(op, "a", a);
+  check_4d(op, "b", b);
+  TORCH_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got ", a.device());
+  check_device(op, "b", b, a);
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b has dtype ", b.scalar_type(),
+              " but a has dtype ", a.scalar_type());
+  TORCH_CHECK(b.size(0) == a.size(0) && b.size(2) == a.size(2) && b.size(3) == a.size(3), op,
+              ": a and b must agree in batch and spatial size, got a ", a.sizes(), " and b ",
+              b.sizes());
+  const int64_t N = a.size(0), Ca = a.size(1), Cb = b.size(1), HW = a.size(2) * a.size(3);
+  const at::ScalarType acc = acc_scalar_type(a.scalar_type());
+  if (a_center.has_value()) check_small(op, "a_center", *a_center, a, {Ca}, acc);
+  if (b_center.has_value()) check_small(op, "b_center", *b_center, a, {Cb}, acc);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto opts = a.options().dtype(acc);
+  Tensor gram = at::empty({N, Ca, Cb}, opts);
+  Tensor colsum = at::empty({N, Ca}, opts);
+  if (N == 0 || Ca == 0) return {gram, colsum};
+  if (HW == 0) return {gram.zero_(), colsum.zero_()};
+  const bool use64 = any_needs_int64({&a, &b});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), op, [&] {
+    using acc_t = acc_of<scalar_t>;
+    int BM = 64;
+    GramArgs<acc_t> g = plan_gram<acc_t>(a, b, a_center, b_center, BM);
+    const int64_t K = g.nchunks;
+    // Per-chunk partials, summed in chunk order below; one chunk writes the results directly.
+    Tensor gram_part = K > 1 ? at::empty({N * K * Ca * Cb}, opts) : gram;
+    Tensor colsum_part = K > 1 ? at::empty({N * K * Ca}, opts) : colsum;
+    g.gram = gram_part.mutable_data_ptr<acc_t>();
+    g.colsum = colsum_part.mutable_data_ptr<acc_t>();
+    const unsigned int blocks = grid_for(N * K * g.tiles_a * g.tiles_b, 1);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_index(use64, [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      if (BM == 32) {
+        gram_kernel<scalar_t, index_t, 32><<<blocks, kThreads, 0, stream>>>(g);
+      } else {
+        gram_kernel<scalar_t, index_t, 64><<<blocks, kThreads, 0, stream>>>(g);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (K > 1) {
+      sum_partials<acc_t>(gram_part, gram, N, Ca * Cb, K, K * Ca * Cb, 1, Ca * Cb);
+      sum_partials<acc_t>(colsum_part, colsum, N, Ca, K, K * Ca, 1, Ca);
+    }
+  });
+  return {gram, colsum};
+}
+
+Tensor lateral_up2_fuse_fwd_cuda(const Tensor& coarse, const Tensor& z, const Tensor& weight,
+                                 const Tensor& bias, const OptTensor& w_coarse,
+                                 const OptTensor& w_fine, const OptTensor& gate_coarse,
+                                 const OptTensor& gate_fine, double eps) {
+  constexpr const char* op = "_lateral_up2_fuse_fwd";
+  check_4d(op, "coarse", coarse);
+  check_4d(op, "z", z);
+  TORCH_CHECK(coarse.is_cuda(), op, ": coarse must be a CUDA tensor, got ", coarse.device());
+  check_device(op, "z", z, coarse);
+  TORCH_CHECK(z.scalar_type() == coarse.scalar_type(), op, ": z has dtype ", z.scalar_type(),
+              " but coarse has dtype ", coarse.scalar_type());
+  const int64_t N = coarse.size(0), C = coarse.size(1), H = coarse.size(2), W = coarse.size(3);
+  const int64_t Cin = z.size(1);
+  TORCH_CHECK(z.size(0) == N && z.size(2) == 2 * H && z.size(3) == 2 * W, op,
+              ": z must be [N, C_in, 2H, 2W] for coarse [N, C, H, W]; got coarse ",
+              coarse.sizes(), " and z ", z.sizes());
+  const at::ScalarType acc = acc_scalar_type(z.scalar_type());
+  check_small(op, "weight", weight, coarse, {C, Cin}, acc);
+  check_small(op, "bias", bias, coarse, {C}, acc);
+  check_fusion_params(op, coarse, N, C, w_coarse, w_fine, gate_coarse, gate_fine);
+  const c10::cuda::CUDAGuard guard(z.device());
+  // channels_last exactly when z is densely channels_last (and not also contiguous): the rule
+  // of every backend and of the fake kernel (ops.py, _out_like_z)
+  const bool z_cl = z.is_contiguous(at::MemoryFormat::ChannelsLast) && !z.is_contiguous();
+  Tensor out = at::empty({N, C, 2 * H, 2 * W},
+                         z.options().memory_format(z_cl ? at::MemoryFormat::ChannelsLast
+                                                        : at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const bool use64 = any_needs_int64({&coarse, &z, &out});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), op, [&] {
+    const auto plan = plan_fuse<scalar_t>(coarse, z, weight, bias, out, w_coarse, w_fine,
+                                          gate_coarse, gate_fine, eps);
+    mix_launch<scalar_t, kFuseBM>(plan.first, plan.second, use64);
+  });
+  return out;
+}
+
+Tensor lateral_grad_z_cuda(const Tensor& grad_out, const Tensor& z, const Tensor& weight,
+                           const OptTensor& scale, const OptTensor& quad, const OptTensor& shift) {
+  constexpr const char* op = "_lateral_grad_z";
+  check_4d(op, "grad_out", grad_out);
+  check_4d(op, "z", z);
+  TORCH_CHECK(z.is_cuda(), op, ": z must be a CUDA tensor, got ", z.device());
+  check_device(op, "grad_out", grad_out, z);
+  TORCH_CHECK(grad_out.scalar_type() == z.scalar_type(), op, ": grad_out has dtype ",
+              grad_out.scalar_type(), " but z has dtype ", z.scalar_type());
+  const int64_t N = z.size(0), Cin = z.size(1), C = grad_out.size(1);
+  TORCH_CHECK(grad_out.size(0) == N && grad_out.size(2) == z.size(2) &&
+                  grad_out.size(3) == z.size(3),
+              op, ": grad_out must be [N, C, H, W] for z [N, C_in, H, W]; got grad_out ",
+              grad_out.sizes(), " and z ", z.sizes());
+  const at::ScalarType acc = acc_scalar_type(z.scalar_type());
+  check_small(op, "weight", weight, z, {C, Cin}, acc);
+  if (scale.has_value()) check_small(op, "scale", *scale, z, {N, C}, acc);
+  if (quad.has_value()) check_small(op, "quad", *quad, z, {Cin, Cin}, acc);
+  if (shift.has_value()) check_small(op, "shift", *shift, z, {Cin}, acc);
+  const c10::cuda::CUDAGuard guard(z.device());
+  Tensor grad_z = at::empty_like(z);
+  if (grad_z.numel() == 0) return grad_z;
+  const bool use64 = any_needs_int64({&grad_out, &z, &grad_z});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), op, [&] {
+    int BM = 64;
+    const auto plan = plan_grad_z<scalar_t>(grad_out, z, weight, scale, quad, shift, grad_z, BM);
+    if (BM == 32) {
+      mix_launch<scalar_t, 32>(plan.first, plan.second, use64);
+    } else {
+      mix_launch<scalar_t, 64>(plan.first, plan.second, use64);
+    }
+  });
+  return grad_z;
+}
+
+std::tuple<Tensor, Tensor> up2_fuse_bwd_coarse_cuda(const Tensor& grad_out, const Tensor& coarse,
+                                                    const OptTensor& w_coarse,
+                                                    const OptTensor& w_fine,
+                                                    const OptTensor& gate_coarse, double eps,
+                                                    bool need_sum) {
+  constexpr const char* op = "_up2_fuse_bwd_coarse";
+  check_up2_pair(op, "coarse", coarse, "grad_out", grad_out);
+  check_fusion_params(op, coarse, coarse.size(0), coarse.size(1), w_coarse, w_fine, gate_coarse,
+                      std::nullopt);
+  const c10::cuda::CUDAGuard guard(coarse.device());
+  const std::vector<int64_t> sum_shape =
+      need_sum ? std::vector<int64_t>{coarse.size(0), coarse.size(1)} : std::vector<int64_t>{0};
+  Up2BwdTensors t;
+  t.grad_out = grad_out;
+  t.coarse = coarse;
+  t.grad_coarse = at::empty_like(coarse);
+  t.sum_coarse = at::empty(sum_shape, coarse.options().dtype(acc_scalar_type(coarse.scalar_type())));
+  t.w_coarse = w_coarse;
+  t.w_fine = w_fine;
+  t.gate_coarse = gate_coarse;
+  t.eps = eps;
+  t.need_sums = need_sum;
+  if (coarse.numel() == 0) {
+    t.sum_coarse.zero_();
+  } else {
+    up2_bwd_launch</*WITH_FINE=*/false>(t);
+  }
+  return {t.grad_coarse, t.sum_coarse};
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace litefpn
+
+TORCH_LIBRARY_IMPL(litefpn, CUDA, m) {
+  m.impl("_lateral_gram", &litefpn::gpu::lateral_gram_cuda);
+  m.impl("_lateral_up2_fuse_fwd", &litefpn::gpu::lateral_up2_fuse_fwd_cuda);
+  m.impl("_lateral_grad_z", &litefpn::gpu::lateral_grad_z_cuda);
+  m.impl("_up2_fuse_bwd_coarse", &litefpn::gpu::up2_fuse_bwd_coarse_cuda);
+}
