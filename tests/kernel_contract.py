@@ -45,7 +45,7 @@ def grad_z(grad_out, z, weight, scale, quad, shift):
         out = out - torch.einsum("kj,njhw->nkhw", quad.double(), z.double())
     if shift is not None:
         out = out + shift.double()[:, None, None]
-    return out.to(z.dtype).contiguous(memory_format=_fmt(z))
+    return torch.empty_like(z).copy_(out)
 
 
 def bwd_coarse(grad_out, coarse, w_coarse, w_fine, gate_coarse, eps, need_sum):
@@ -61,7 +61,7 @@ def bwd_coarse(grad_out, coarse, w_coarse, w_fine, gate_coarse, eps, need_sum):
         sp_c = torch.nn.functional.softplus(w_coarse.double())
         sp_f = torch.nn.functional.softplus(w_fine.double())
         coef = coef * sp_c / (sp_c + sp_f + eps)
-    grad = (grad * coef[:, :, None, None]).to(coarse.dtype).contiguous(memory_format=_fmt(coarse))
+    grad = torch.empty_like(coarse).copy_(grad * coef[:, :, None, None])
     acc = _acc(coarse)
     sums = (g * up.detach()).sum((2, 3)).to(acc) if need_sum else coarse.new_empty((0,), dtype=acc)
     return grad, sums

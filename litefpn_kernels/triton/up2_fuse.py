@@ -31,7 +31,7 @@ import triton.language as tl
 from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights,
                       gather4, needs_int64, next_pow2, split_eps, up2_gather_taps, up2_taps)
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "backward_coarse"]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -122,16 +122,19 @@ def _up2_fuse_fwd_kernel(
 @triton.jit
 def _bwd_fine_row(g_row, f_row, gf_row, g_off, f_off, gf_off, mask, coef_f,
                   t_off0, t_off1, t_off2, t_off3, t_mask, owned,
-                  NEED_SUMS: tl.constexpr, ACC: tl.constexpr):
+                  NEED_SUMS: tl.constexpr, WITH_FINE: tl.constexpr, ACC: tl.constexpr):
     """One fine row of grad_out: grad_fine and the g*fine products if this program owns the row
-    (`owned`), and the row gathered along x onto the coarse columns (Up2^T along x)."""
-    m = mask & owned
-    g = tl.load(g_row + g_off, mask=m, other=0.0).to(ACC)
-    tl.store(gf_row + gf_off, (coef_f * g).to(gf_row.dtype.element_ty), mask=m)
-    prod = g
-    if NEED_SUMS:
-        prod = g * tl.load(f_row + f_off, mask=m, other=0.0).to(ACC)
+    (`owned`; only WITH_FINE), and the row gathered along x onto the coarse columns (Up2^T
+    along x)."""
     h = gather4(g_row, t_off0, t_off1, t_off2, t_off3, t_mask, ACC)
+    prod = h  # placeholder when WITH_FINE is off (never used then)
+    if WITH_FINE:
+        m = mask & owned
+        g = tl.load(g_row + g_off, mask=m, other=0.0).to(ACC)
+        tl.store(gf_row + gf_off, (coef_f * g).to(gf_row.dtype.element_ty), mask=m)
+        prod = g
+        if NEED_SUMS:
+            prod = g * tl.load(f_row + f_off, mask=m, other=0.0).to(ACC)
     return h, prod
 
 
@@ -145,10 +148,12 @@ def _up2_fuse_bwd_kernel(
         s_fn, s_fc, s_fh, s_fw,
         s_an, s_ac, s_ah, s_aw,
         s_bn, s_bc, s_bh, s_bw,
-        NEED_SUMS: tl.constexpr, HAS_W: tl.constexpr, HAS_GC: tl.constexpr,
-        HAS_GF: tl.constexpr, ACC: tl.constexpr, I64: tl.constexpr,
+        NEED_SUMS: tl.constexpr, WITH_FINE: tl.constexpr, HAS_W: tl.constexpr,
+        HAS_GC: tl.constexpr, HAS_GF: tl.constexpr, ACC: tl.constexpr, I64: tl.constexpr,
         BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr):
-    # strides: g = grad_out, c = coarse, f = fine, a = grad_coarse, b = grad_fine
+    # strides: g = grad_out, c = coarse, f = fine, a = grad_coarse, b = grad_fine.
+    # WITH_FINE=False is the coarse half only (lateral's `bwd_coarse`): fine, grad_fine and their
+    # strides are then unused, and the partials buffer is [1, P, N*C] (sum_coarse only).
     BLOCK_J: tl.constexpr = BLOCK_X // 2
     pid = tl.program_id(0)
     n_xb = tl.cdiv(2 * W, BLOCK_X)
@@ -209,14 +214,14 @@ def _up2_fuse_bwd_kernel(
         y = y.to(tl.int64)
     h_m1, prod = _bwd_fine_row(g_base + y * s_gh, f_base + y * s_fh, b_base + y * s_bh,
                                g_off, f_off, b_off, mask, coef_f,
-                               g_t0, g_t1, g_t2, g_t3, mask_j, False, NEED_SUMS, ACC)
+                               g_t0, g_t1, g_t2, g_t3, mask_j, False, NEED_SUMS, WITH_FINE, ACC)
     y = 2 * i_lo
     if I64:
         y = y.to(tl.int64)
     h_0, prod = _bwd_fine_row(g_base + y * s_gh, f_base + y * s_fh, b_base + y * s_bh,
                               g_off, f_off, b_off, mask, coef_f,
-                              g_t0, g_t1, g_t2, g_t3, mask_j, True, NEED_SUMS, ACC)
-    if NEED_SUMS:
+                              g_t0, g_t1, g_t2, g_t3, mask_j, True, NEED_SUMS, WITH_FINE, ACC)
+    if NEED_SUMS and WITH_FINE:
         sum_f += prod
     for i in range(i_lo, i_hi):
         # row 2i+1: always owned; row 2i+2 (clamped): owned by the next coarse row if that is in
@@ -226,16 +231,17 @@ def _up2_fuse_bwd_kernel(
             y = y.to(tl.int64)
         h_p1, prod = _bwd_fine_row(g_base + y * s_gh, f_base + y * s_fh, b_base + y * s_bh,
                                    g_off, f_off, b_off, mask, coef_f,
-                                   g_t0, g_t1, g_t2, g_t3, mask_j, True, NEED_SUMS, ACC)
-        if NEED_SUMS:
+                                   g_t0, g_t1, g_t2, g_t3, mask_j, True, NEED_SUMS, WITH_FINE, ACC)
+        if NEED_SUMS and WITH_FINE:
             sum_f += prod
         y = tl.minimum(2 * i + 2, 2 * H - 1)
         if I64:
             y = y.to(tl.int64)
         h_p2, prod = _bwd_fine_row(g_base + y * s_gh, f_base + y * s_fh, b_base + y * s_bh,
                                    g_off, f_off, b_off, mask, coef_f,
-                                   g_t0, g_t1, g_t2, g_t3, mask_j, i + 1 < i_hi, NEED_SUMS, ACC)
-        if NEED_SUMS:
+                                   g_t0, g_t1, g_t2, g_t3, mask_j, i + 1 < i_hi, NEED_SUMS,
+                                   WITH_FINE, ACC)
+        if NEED_SUMS and WITH_FINE:
             sum_f += prod
         # coarse row i: Up2^T(g) = .25*row(2i-1) + .75*row(2i) + .75*row(2i+1) + .25*row(2i+2)
         up_t = 0.25 * (h_m1 + h_p2) + 0.75 * (h_0 + h_p1)
@@ -251,30 +257,41 @@ def _up2_fuse_bwd_kernel(
 
     if NEED_SUMS:
         # stage one of the (n, c) reductions: one partial per program (a fixed-order in-register
-        # tree), stored to partials[k, part_idx, n*C + c] of the [2, P, N*C] buffer
+        # tree), stored to partials[k, part_idx, n*C + c] of the [2, P, N*C] buffer ([1, P, N*C]
+        # without WITH_FINE)
         p_off = part_idx * (N * C) + n * C + c
         tl.store(part_ptr + p_off, tl.sum(sum_c, axis=0), mask=c_mask)
-        tl.store(part_ptr + (n_xb * n_rb) * (N * C) + p_off, tl.sum(sum_f, axis=0), mask=c_mask)
+        if WITH_FINE:
+            tl.store(part_ptr + (n_xb * n_rb) * (N * C) + p_off, tl.sum(sum_f, axis=0),
+                     mask=c_mask)
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, sum_c_ptr, sum_f_ptr, NC, P, BLOCK: tl.constexpr,
-                         I64: tl.constexpr):
-    """Stage two: sum_k[nc] = sum over p = 0..P-1, in order, of partials[k, p, nc]."""
+def _sum_partials_kernel(part_ptr, sum_c_ptr, sum_f_ptr, NC, P, HAS_F: tl.constexpr,
+                         BLOCK: tl.constexpr, I64: tl.constexpr):
+    """Stage two: sum_k[nc] = sum over p = 0..P-1, in order, of partials[k, p, nc], for the
+    [2, P, NC] buffer (k = 0 -> sum_c, 1 -> sum_f), or with HAS_F=False the [1, P, NC] (or
+    [P, NC]) buffer into sum_c only (sum_f_ptr unused). Also the gram's second stage."""
     nc = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = nc < NC
+    f_off = P * NC
     if I64:
         nc = nc.to(tl.int64)
+        f_off = tl.cast(P, tl.int64) * NC
     acc_c = tl.load(part_ptr + nc, mask=m, other=0.0)
-    acc_f = tl.load(part_ptr + P * NC + nc, mask=m, other=0.0)
+    acc_f = acc_c
+    if HAS_F:
+        acc_f = tl.load(part_ptr + f_off + nc, mask=m, other=0.0)
     for p in range(1, P):
         off = p * NC
         if I64:
-            off = off.to(tl.int64)
+            off = tl.cast(p, tl.int64) * NC
         acc_c += tl.load(part_ptr + off + nc, mask=m, other=0.0)
-        acc_f += tl.load(part_ptr + P * NC + off + nc, mask=m, other=0.0)
+        if HAS_F:
+            acc_f += tl.load(part_ptr + f_off + off + nc, mask=m, other=0.0)
     tl.store(sum_c_ptr + nc, acc_c, mask=m)
-    tl.store(sum_f_ptr + nc, acc_f, mask=m)
+    if HAS_F:
+        tl.store(sum_f_ptr + nc, acc_f, mask=m)
 
 
 # ----------------------------------------------------------------------------- launch planning
@@ -342,46 +359,55 @@ def plan_forward(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, ou
 def plan_backward(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps,
                   need_sums, grad_coarse, grad_fine, partials, interpret=None):
     """(kernel, grid, args, kwargs) of the backward launch; `partials` is the [2, P, N*C]
-    buffer from `partials_shape` (or None without need_sums)."""
+    buffer from `partials_shape` (or None without need_sums).
+
+    With fine = grad_fine = None this is the coarse half only (WITH_FINE=False: grad_coarse and
+    sum_coarse; `partials` is then [1, P, N*C]), as lateral's `bwd_coarse`."""
     if interpret is None:
-        interpret = not fine.is_cuda
+        interpret = not grad_out.is_cuda
+    with_fine = fine is not None
     n, c, h, w = coarse.shape
-    block_x, block_c, rows, grid = _tiling(coarse, fine, interpret)
-    dummy = grad_fine
+    block_x, block_c, rows, grid = _tiling(coarse, grad_out, interpret)
+    dummy = grad_coarse
+    fine_, grad_fine_ = (fine, grad_fine) if with_fine else (grad_out, grad_out)
     eps_hi, eps_lo = split_eps(eps)
-    args = (grad_out, coarse, fine, grad_coarse, grad_fine,
+    args = (grad_out, coarse, fine_, grad_coarse, grad_fine_,
             dummy if partials is None else partials,
             dummy if w_coarse is None else w_coarse, dummy if w_fine is None else w_fine,
             dummy if gate_coarse is None else gate_coarse,
             dummy if gate_fine is None else gate_fine, eps_hi, eps_lo,
-            n, c, h, w, rows, *_strides(grad_out), *_strides(coarse), *_strides(fine),
-            *_strides(grad_coarse), *_strides(grad_fine))
-    kwargs = dict(NEED_SUMS=bool(need_sums), HAS_W=w_coarse is not None,
-                  HAS_GC=gate_coarse is not None, HAS_GF=gate_fine is not None,
-                  ACC=acc_tl_dtype(fine.dtype),
+            n, c, h, w, rows, *_strides(grad_out), *_strides(coarse), *_strides(fine_),
+            *_strides(grad_coarse), *_strides(grad_fine_))
+    kwargs = dict(NEED_SUMS=bool(need_sums), WITH_FINE=with_fine, HAS_W=w_coarse is not None,
+                  HAS_GC=gate_coarse is not None, HAS_GF=with_fine and gate_fine is not None,
+                  ACC=acc_tl_dtype(grad_out.dtype),
                   I64=needs_int64(grad_out, coarse, fine, grad_coarse, grad_fine, partials),
                   BLOCK_X=block_x, BLOCK_C=block_c, num_warps=_NUM_WARPS)
     return _up2_fuse_bwd_kernel, grid, args, kwargs
 
 
-def partials_shape(coarse, fine, interpret=None):
-    """[2, P, N*C]: P = programs per sample of the backward (a function of the shapes only)."""
+def partials_shape(coarse, fine, interpret=None, with_fine=True):
+    """[2, P, N*C] ([1, P, N*C] without with_fine): P = programs per sample of the backward (a
+    function of the shapes only). `fine` may be grad_out (same shape and layout)."""
     if interpret is None:
         interpret = not fine.is_cuda
     n, c, h, w = coarse.shape
     block_x, _, rows, _ = _tiling(coarse, fine, interpret)
-    return (2, triton.cdiv(h, rows) * triton.cdiv(2 * w, block_x), n * c)
+    return (2 if with_fine else 1, triton.cdiv(h, rows) * triton.cdiv(2 * w, block_x), n * c)
 
 
 _SUM_BLOCK = 1024
 
 
 def plan_sum_partials(partials, sum_coarse, sum_fine):
-    _, p, nc = partials.shape
+    """Stage two over a [2, P, NC] buffer into (sum_coarse, sum_fine), or over a [1, P, NC] /
+    [P, NC] buffer into sum_coarse only (sum_fine None)."""
+    p, nc = partials.shape[-2:]
     block = min(_SUM_BLOCK, next_pow2(nc))
-    args = (partials, sum_coarse, sum_fine, nc, p)
+    has_f = sum_fine is not None
+    args = (partials, sum_coarse, sum_fine if has_f else sum_coarse, nc, p)
     return (_sum_partials_kernel, (triton.cdiv(nc, block),), args,
-            dict(BLOCK=block, I64=needs_int64(partials), num_warps=4))
+            dict(HAS_F=has_f, BLOCK=block, I64=needs_int64(partials), num_warps=4))
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -418,3 +444,29 @@ def backward(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, e
             kernel, grid, args, kwargs = plan_sum_partials(partials, sum_coarse, sum_fine)
             kernel[grid](*args, **kwargs)
     return grad_coarse, grad_fine, sum_coarse, sum_fine
+
+
+def backward_coarse(grad_out, coarse, w_coarse, w_fine, gate_coarse, eps, need_sum):
+    """The coarse half of `backward` (the same kernel, WITH_FINE=False): -> (grad_coarse,
+    sum_coarse), grad_coarse = alpha*gc*Up2^T(grad_out), sum_coarse[n, c] = sum_hw
+    grad_out*Up2(coarse) ([N, C] in the accumulation dtype; an empty [0] without need_sum)."""
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    grad_coarse = torch.empty_like(coarse)
+    if need_sum:
+        partials = torch.empty(partials_shape(coarse, grad_out, with_fine=False), dtype=acc,
+                               device=grad_out.device)
+        sum_coarse = torch.empty(coarse.shape[:2], dtype=acc, device=grad_out.device)
+    else:
+        partials = None
+        sum_coarse = torch.empty((0,), dtype=acc, device=grad_out.device)
+    if grad_out.numel() == 0:
+        return grad_coarse.zero_(), sum_coarse.zero_()
+    kernel, grid, args, kwargs = plan_backward(grad_out, coarse, None, w_coarse, w_fine,
+                                               gate_coarse, None, eps, need_sum, grad_coarse,
+                                               None, partials)
+    with device_guard(grad_out):
+        kernel[grid](*args, **kwargs)
+        if need_sum:
+            kernel, grid, args, kwargs = plan_sum_partials(partials, sum_coarse, None)
+            kernel[grid](*args, **kwargs)
+    return grad_coarse, sum_coarse
