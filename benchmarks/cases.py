@@ -35,17 +35,11 @@ def compile_mode(device):
     return "max-autotune-no-cudagraphs" if device.type == "cuda" else None
 
 
-def fused_backends(op, device):
-    """Fused backends of `op` that can run on `device` here (the interpreter is not timed)."""
-    found = []
-    for name in backends.BACKENDS:
-        if name == "eager" or (name == "triton" and device.type != "cuda"):
-            continue
-        if op == "neck" or not hasattr(ops, op):
-            continue  # the fused neck and lateral_up2_fuse come with their own issues
-        if backends.unavailable_reason(name, device) is None:
-            found.append(name)
-    return found
+def fused_backends(device):
+    """Fused backends that can run on `device` here (the Triton interpreter is not timed)."""
+    return [name for name in backends.BACKENDS
+            if name != "eager" and not (name == "triton" and device.type != "cuda")
+            and backends.unavailable_reason(name, device) is None]
 
 
 def _fmt(t, channels_last):

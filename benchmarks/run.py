@@ -148,7 +148,7 @@ def main(argv=None):
                                 speedup_vs_eager=None, speedup_vs_compile=None, **meta))
             for op in args.ops.split(","):
                 levels = [None] if op == "neck" else args.levels.split(",")
-                impls = ["eager", "compile"] + cases.fused_backends(op, device)
+                impls = ["eager", "compile"] + cases.fused_backends(device)
                 if args.impls:
                     impls = [i for i in impls if i in args.impls.split(",")]
                 for level in levels:

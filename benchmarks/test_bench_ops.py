@@ -15,11 +15,8 @@ BATCH = int(os.environ.get("LITEFPN_BENCH_BATCH", 256 if DEVICE.type == "cuda" e
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
-def _impls(op):
-    return ["eager", "compile"] + cases.fused_backends(op, DEVICE)
-
-
-PARAMS = [(op, impl) for op in ("up2_fuse", "lateral_up2_fuse", "neck") for impl in _impls(op)]
+IMPLS = ["eager", "compile"] + cases.fused_backends(DEVICE)
+PARAMS = [(op, impl) for op in ("up2_fuse", "lateral_up2_fuse", "neck") for impl in IMPLS]
 
 
 @pytest.fixture(autouse=True)

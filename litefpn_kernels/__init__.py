@@ -6,7 +6,8 @@
     y = ops.up2_fuse(coarse, fine, w_c, w_f, backend="auto")
 """
 from . import backends, functional, ops
-from .ops import up2_fuse
-from .reference import LiteFPN, LiteFPNOutput
+from .ops import lateral_up2_fuse, up2_fuse
+from .reference import LiteFPN, LiteFPNOutput, convert
 
-__all__ = ["LiteFPN", "LiteFPNOutput", "backends", "functional", "ops", "up2_fuse"]
+__all__ = ["LiteFPN", "LiteFPNOutput", "backends", "convert", "functional", "lateral_up2_fuse",
+           "ops", "up2_fuse"]

@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import backends, ops
 from .functional import FUSION_EPS, fusion_weights, up2
 
 FUSE_MODES = ("add", "weighted")
 GATES = (None, "se", "coord")
 HR_FUSIONS = ("add", "concat")
 DOWNS = ("dwconv", "avgpool")
-#: the backends the module accepts; the fused ones run through `litefpn_kernels.ops`.
-MODULE_BACKENDS = ("auto", "eager")
+#: the backends the module accepts; the fused ones run the glue through `litefpn_kernels.ops`.
+MODULE_BACKENDS = ("auto",) + backends.BACKENDS
 
 #: BatchNorm gamma of the post-fusion smooths s4, s3, s2 (and the PAN smooths); 1.0 elsewhere.
 SMOOTH_BN_GAMMA = 0.9
@@ -190,6 +191,72 @@ class Down(nn.Module):
         return self.sample(x)
 
 
+# ----------------------------------------------------------------------------- fused-path steps
+def _bn_args(bn: nn.BatchNorm2d):
+    """(running_mean, running_var, training, momentum) exactly as nn.BatchNorm2d.forward derives
+    them for F.batch_norm, including its num_batches_tracked bookkeeping."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return (bn.running_mean if track else None, bn.running_var if track else None, training,
+            factor)
+
+
+def _conv_bn(m: ConvBN, x: Tensor) -> Tensor:
+    """ConvBN with eval BatchNorm folded into the convolution (one pass instead of two)."""
+    bn = m.bn
+    if bn.training or bn.running_mean is None:
+        return m(x)
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    conv = m.conv
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+    bias = (bn.bias - bn.running_mean * scale).to(conv.weight.dtype)
+    return m.act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+
+
+def _autocast_input(t: Tensor) -> Tensor:
+    """What an eager convolution would see of `t` under autocast (the fused operators take one
+    dtype for all their activations)."""
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return t.to(torch.get_autocast_dtype(dev))
+    return t
+
+
+def _fused_level(lateral: ConvBN, fuse: Fuse, coarse: Tensor, z: Tensor, lateral_is_a: bool,
+                 backend: str) -> Tensor:
+    """fuse(Up2(coarse), lateral(z)) (or fuse(lateral(z), Up2(coarse)) with lateral_is_a) on the
+    fused operators; the fusion weights and gates stay attached to the input the spec gives them.
+
+    No gate: one lateral_up2_fuse. SE gate: the gate needs GAP of the lateral's BN output
+    before the fused epilogue, so the lateral runs as conv + BN and up2_fuse does Up2 + gates +
+    weights (GAP(Up2 x) = GAP(x), so the upsampled map is still never written). Coord gate
+    (spatial, not per-channel): plain composition.
+    """
+    if isinstance(fuse.gate, CoordGate):
+        up, lat = up2(coarse), _conv_bn(lateral, z)
+        return fuse(lat, up) if lateral_is_a else fuse(up, lat)
+    w_a = w_b = None
+    if fuse.fuse == "weighted":
+        w_a, w_b = fuse.weight_a, fuse.weight_b
+    w_lat, w_up = (w_a, w_b) if lateral_is_a else (w_b, w_a)
+    if fuse.gate is None:
+        bn = lateral.bn
+        running_mean, running_var, training, momentum = _bn_args(bn)
+        return ops.lateral_up2_fuse(
+            coarse, _autocast_input(z), lateral.conv.weight, bn.weight, bn.bias, running_mean,
+            running_var, training, momentum, bn.eps, w_up, w_lat, eps=fuse.eps, backend=backend)
+    lat = _conv_bn(lateral, z)
+    g_a, g_b = fuse.gate.gates(lat, coarse) if lateral_is_a else fuse.gate.gates(coarse, lat)
+    g_lat, g_up = (g_a, g_b) if lateral_is_a else (g_b, g_a)
+    return ops.up2_fuse(coarse, lat, w_up, w_lat, eps=fuse.eps, gate_coarse=g_up,
+                        gate_fine=g_lat, backend=backend)
+
+
 class LiteFPN(nn.Module):
     """The LiteFPN neck. `forward([b1, b2, b3, b4])` -> `LiteFPNOutput`.
 
@@ -201,7 +268,9 @@ class LiteFPN(nn.Module):
         hr_fusion: "add" (mode A: fuse2 then s2) or "concat" (mode B: s2 is a 3x3 2C -> C conv).
         pan: add the bottom-up path (N3, N4, N5); down: "dwconv" or "avgpool"; anti_alias: blur
             before downsampling.
-        backend: "auto" or "eager" (the fused backends come with `litefpn_kernels.ops`).
+        backend: "auto", "eager", "cpu", "triton" or "cuda": where the glue (Up2 + fuse + the
+            1x1 laterals) runs; "eager" is this plain composition, the others the fused operators
+            of `litefpn_kernels.ops`. Switch later with `neck.backend = ...` or `convert`.
     """
 
     def __init__(self, in_channels: Sequence[int] = (32, 64, 128, 256), channels: int = 128,
@@ -287,6 +356,30 @@ class LiteFPN(nn.Module):
 
     def forward(self, feats: Sequence[Tensor]) -> LiteFPNOutput:
         self._check_inputs(feats)
+        backend = backends.resolve(self.backend, feats[0].device)
+        if backend == "eager":
+            return self._forward_eager(feats)
+        return self._forward_fused(feats, backend)
+
+    def _forward_fused(self, feats, backend):
+        """The same network with its glue on the fused operators (README, "What is fused")."""
+        b1, b2, b3, b4 = feats
+        p5 = _conv_bn(self.l5, b4)
+        p4_td = _conv_bn(self.s4, _fused_level(self.l4, self.fuse4, _conv_bn(self.s5, p5), b3,
+                                                False, backend))
+        p3_td = _conv_bn(self.s3, _fused_level(self.l3, self.fuse3, p4_td, b2, False, backend))
+        if self.hr_fusion == "add":
+            hf = _conv_bn(self.s2, _fused_level(self.l2, self.fuse2, p3_td, b1, True, backend))
+        else:
+            hf = _conv_bn(self.s2, torch.cat([_conv_bn(self.l2, b1), up2(p3_td)], dim=1))
+        if not self.pan:
+            return LiteFPNOutput(hf, p3_td, p4_td, p5)
+        n3 = _conv_bn(self.pan_s3, self.pan_fuse3(self.down3(hf), p3_td))
+        n4 = _conv_bn(self.pan_s4, self.pan_fuse4(self.down4(n3), p4_td))
+        n5 = _conv_bn(self.pan_s5, self.pan_fuse5(self.down5(n4), p5))
+        return LiteFPNOutput(hf, p3_td, p4_td, p5, n3, n4, n5)
+
+    def _forward_eager(self, feats):
         b1, b2, b3, b4 = feats
         p5 = self.l5(b4)
         p4_td = self.s4(self.fuse4(up2(self.s5(p5)), self.l4(b3)))
@@ -302,3 +395,14 @@ class LiteFPN(nn.Module):
         n4 = self.pan_s4(self.pan_fuse4(self.down4(n3), p4_td))
         n5 = self.pan_s5(self.pan_fuse5(self.down5(n4), p5))
         return LiteFPNOutput(hf, p3_td, p4_td, p5, n3, n4, n5)
+
+
+def convert(module: nn.Module, backend: str) -> nn.Module:
+    """Switch every LiteFPN inside `module` to `backend` ("eager" switches back); returns
+    `module`. Parameters and buffers are untouched: the state_dict is the same on every
+    backend."""
+    _check_choice("backend", backend, MODULE_BACKENDS)
+    for m in module.modules():
+        if isinstance(m, LiteFPN):
+            m.backend = backend
+    return module

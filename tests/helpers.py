@@ -38,3 +38,18 @@ def layout(t, kind):
         assert torch.equal(view, t) and not view.is_contiguous()
         return view
     return t.contiguous()
+
+
+def randomise(module, seed=0):
+    """Move every parameter and BN buffer off its init value, so the comparison sees them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g, dtype=torch.float64))
+            elif name.endswith(("bn.weight", "bn1.weight", "weight_a", "weight_b")):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g, dtype=torch.float64))
+            else:
+                t.copy_(0.3 * torch.randn(t.shape, generator=g, dtype=torch.float64))

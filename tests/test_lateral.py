@@ -16,7 +16,8 @@ from helpers import BACKEND_DEVICES, CPU, TOL, layout, need
 from litefpn_kernels import ops
 from litefpn_kernels.functional import lateral_up2_fuse_reference
 
-LATERAL_BACKENDS = [pytest.param(("contract", "cpu"), id="contract")]  # kernels: next commit
+LATERAL_BACKENDS = [pytest.param(("contract", "cpu"), id="contract")] + [
+    pytest.param(p.values, id=p.id, marks=p.marks) for p in BACKEND_DEVICES]
 
 # (N, Cin, C, H, W) with coarse [N, C, H, W] and z [N, Cin, 2H, 2W]
 SHAPES = [(2, 5, 3, 4, 5), (1, 3, 4, 1, 2), (3, 8, 6, 3, 1)]

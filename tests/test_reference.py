@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import spec
 from conftest import make_feats
+from helpers import randomise as _randomise
 from litefpn_kernels import LiteFPN, LiteFPNOutput
 from litefpn_kernels.functional import fusion_weights, up2
 
@@ -16,21 +17,6 @@ SMALL = dict(in_channels=(8, 12, 16, 24), channels=16)
 
 def _opts(**kw):
     return {**spec.DEFAULT_OPTS, **kw}
-
-
-def _randomise(module, seed=0):
-    """Move every parameter and BN buffer off its init value, so the comparison sees them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                continue
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=g, dtype=torch.float64))
-            elif name.endswith(("bn.weight", "bn1.weight", "weight_a", "weight_b")):
-                t.copy_(0.5 + torch.rand(t.shape, generator=g, dtype=torch.float64))
-            else:
-                t.copy_(0.3 * torch.randn(t.shape, generator=g, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- Up2 and weights
@@ -54,7 +40,7 @@ def test_fusion_weights_match_softplus_normalisation():
 
 # --------------------------------------------------------------------------- shapes
 def test_spec_shapes():
-    neck = LiteFPN()
+    neck = LiteFPN(backend="eager")
     feats = [torch.randn(2, 32, 64, 128), torch.randn(2, 64, 32, 64),
              torch.randn(2, 128, 16, 32), torch.randn(2, 256, 8, 16)]
     with torch.no_grad():
@@ -69,7 +55,7 @@ def test_spec_shapes():
 
 @pytest.mark.parametrize("top", [(3, 5), (1, 1), (1, 7), (5, 2)])
 def test_odd_sizes_match_spec(top):
-    neck = LiteFPN(**SMALL).double()
+    neck = LiteFPN(backend="eager", **SMALL).double()
     _randomise(neck)
     neck.eval()
     feats = make_feats(top=top, dtype=torch.float64)
@@ -82,7 +68,7 @@ def test_odd_sizes_match_spec(top):
 
 
 def test_official_lite_hrnet18_channels():
-    neck = LiteFPN(in_channels=(40, 80, 160, 320), channels=128)
+    neck = LiteFPN(backend="eager", in_channels=(40, 80, 160, 320), channels=128)
     feats = make_feats(top=(2, 3), in_channels=(40, 80, 160, 320))
     with torch.no_grad():
         out = neck(feats)
@@ -100,7 +86,7 @@ ALL_OPTIONS = [
 
 @pytest.mark.parametrize("opts", ALL_OPTIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_every_option_matches_spec_train_and_eval(opts):
-    neck = LiteFPN(**SMALL, **opts).double()
+    neck = LiteFPN(backend="eager", **SMALL, **opts).double()
     _randomise(neck)
     feats = make_feats(top=(2, 3), dtype=torch.float64, requires_grad=True)
     sd = {k: v.clone() for k, v in neck.state_dict().items()}
@@ -123,7 +109,7 @@ def test_every_option_matches_spec_train_and_eval(opts):
 
 def test_gradients_match_spec():
     opts = dict(fuse="weighted", gate="se", pan=True)
-    neck = LiteFPN(**SMALL, **opts).double()
+    neck = LiteFPN(backend="eager", **SMALL, **opts).double()
     _randomise(neck)
     feats = make_feats(top=(2, 2), dtype=torch.float64, requires_grad=True)
     params = dict(neck.named_parameters())
@@ -142,7 +128,7 @@ def test_gradients_match_spec():
 # --------------------------------------------------------------------------- init
 def test_initialisation_follows_spec():
     torch.manual_seed(0)
-    neck = LiteFPN(fuse="weighted", gate="se", pan=True)
+    neck = LiteFPN(backend="eager", fuse="weighted", gate="se", pan=True)
     for name in ("l2", "l3", "l4", "l5", "s5"):
         assert torch.all(getattr(neck, name).bn.weight == 1.0), name
     for name in ("s2", "s3", "s4", "pan_s3", "pan_s4", "pan_s5"):
@@ -168,7 +154,7 @@ def test_initialisation_follows_spec():
 
 
 def test_concat_mode_has_no_fuse2():
-    neck = LiteFPN(hr_fusion="concat")
+    neck = LiteFPN(backend="eager", hr_fusion="concat")
     assert not hasattr(neck, "fuse2")
     assert neck.s2.conv.weight.shape == (128, 256, 3, 3)
     assert neck.s2.bn.weight[0].item() == pytest.approx(0.9)
@@ -176,7 +162,7 @@ def test_concat_mode_has_no_fuse2():
 
 # --------------------------------------------------------------------------- BN modes
 def test_train_uses_batch_stats_eval_uses_running_stats():
-    neck = LiteFPN(**SMALL).double()
+    neck = LiteFPN(backend="eager", **SMALL).double()
     feats = make_feats(top=(2, 3), dtype=torch.float64)
     feats = [3.0 + 2.0 * f for f in feats]  # batch stats far from the initial running stats
     neck.train()
@@ -198,7 +184,8 @@ def test_train_uses_batch_stats_eval_uses_running_stats():
 
 # --------------------------------------------------------------------------- gradcheck / compile
 def test_gradcheck_float64_small_neck():
-    neck = LiteFPN(in_channels=(2, 3, 4, 5), channels=4, fuse="weighted", gate="se").double()
+    neck = LiteFPN(backend="eager", in_channels=(2, 3, 4, 5), channels=4, fuse="weighted",
+                   gate="se").double()
     _randomise(neck)
     neck.eval()  # batch statistics are checked by test_gradients_match_spec
     feats = make_feats(batch=1, top=(1, 2), in_channels=(2, 3, 4, 5), dtype=torch.float64,
@@ -209,8 +196,8 @@ def test_gradcheck_float64_small_neck():
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_compile_fullgraph_matches_eager(training):
     torch.manual_seed(0)
-    neck = LiteFPN(**SMALL, fuse="weighted", gate="se").train(training)
-    compiled_neck = LiteFPN(**SMALL, fuse="weighted", gate="se").train(training)
+    neck = LiteFPN(backend="eager", **SMALL, fuse="weighted", gate="se").train(training)
+    compiled_neck = LiteFPN(backend="eager", **SMALL, fuse="weighted", gate="se").train(training)
     compiled_neck.load_state_dict(neck.state_dict())
     compiled = torch.compile(compiled_neck, fullgraph=True)
     feats = make_feats(top=(2, 3))
@@ -224,7 +211,7 @@ def test_torch_compile_fullgraph_matches_eager(training):
 
 # --------------------------------------------------------------------------- layout / autocast
 def test_channels_last_in_channels_last_out():
-    neck = LiteFPN(**SMALL, fuse="weighted", pan=True).eval()
+    neck = LiteFPN(backend="eager", **SMALL, fuse="weighted", pan=True).eval()
     feats = make_feats(top=(2, 3), channels_last=True)
     with torch.no_grad():
         out = neck(feats)
@@ -237,7 +224,7 @@ def test_channels_last_in_channels_last_out():
 @pytest.mark.parametrize("training", [True, False])
 def test_cpu_autocast_bf16(training):
     torch.manual_seed(0)
-    neck = LiteFPN(**SMALL, fuse="weighted", gate="se", pan=True).train(training)
+    neck = LiteFPN(backend="eager", **SMALL, fuse="weighted", gate="se", pan=True).train(training)
     feats = make_feats(top=(2, 3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = neck(feats)
@@ -268,7 +255,7 @@ def test_bad_constructor_options():
 
 
 def test_bad_inputs():
-    neck = LiteFPN(**SMALL)
+    neck = LiteFPN(backend="eager", **SMALL)
     feats = make_feats(top=(2, 3))
     with pytest.raises(ValueError, match="four feature maps"):
         neck(feats[:3])

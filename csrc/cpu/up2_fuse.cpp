@@ -1,4 +1,5 @@
-// CPU kernels of litefpn::_up2_fuse_fwd / _up2_fuse_bwd (schemas in csrc/ops.cpp).
+// CPU kernels of litefpn::_up2_fuse_fwd / _up2_fuse_bwd / _up2_fuse_bwd_coarse (schemas in
+// csrc/ops.cpp; the last is the coarse half of the backward, for lateral_up2_fuse).
 //
 // This file is the torch-facing half: argument checks, output allocation, the fusion weights,
 // choice of layout path and of instruction set, and the at::parallel_for over work units. The
@@ -62,12 +63,23 @@ bool cpu_has_avx2_fma_f16c() {
 #endif
 }
 
-const Up2KernelTable& kernels() {
-  static const Up2KernelTable* table = [] {
+}  // namespace
+
+bool cpu_use_avx2() {
+  static const bool use = [] {
     const char* env = std::getenv("LITEFPN_CPU_ISA");
     const bool force_default = env != nullptr && std::strcmp(env, "default") == 0;
+    return !force_default && cpu_has_avx2_fma_f16c();
+  }();
+  return use;
+}
+
+namespace {
+
+const Up2KernelTable& kernels() {
+  static const Up2KernelTable* table = [] {
     const Up2KernelTable* avx2 = up2_kernel_table_avx2();
-    if (!force_default && avx2 != nullptr && cpu_has_avx2_fma_f16c()) return avx2;
+    if (avx2 != nullptr && cpu_use_avx2()) return avx2;
     return up2_kernel_table_default();
   }();
   return *table;
@@ -118,22 +130,22 @@ int64_t grain_units(const Up2Args& a, bool nhwc) {
 
 void check_common(const Tensor& coarse, const Tensor& fine, const std::optional<Tensor>& w_coarse,
                   const std::optional<Tensor>& w_fine, const std::optional<Tensor>& gate_coarse,
-                  const std::optional<Tensor>& gate_fine, const char* op) {
-  TORCH_CHECK(coarse.device().is_cpu() && fine.device().is_cpu(), op,
-              ": coarse and fine must be CPU tensors, got ", coarse.device(), " and ", fine.device());
-  TORCH_CHECK(coarse.dim() == 4 && fine.dim() == 4, op,
-              ": coarse and fine must be 4-D [N, C, H, W], got shapes ", coarse.sizes(), " and ",
-              fine.sizes());
-  TORCH_CHECK(coarse.scalar_type() == fine.scalar_type(), op,
-              ": coarse and fine must have the same dtype, got ", coarse.scalar_type(), " and ",
+                  const std::optional<Tensor>& gate_fine, const char* op,
+                  const char* fine_name = "fine") {
+  TORCH_CHECK(coarse.device().is_cpu() && fine.device().is_cpu(), op, ": coarse and ", fine_name,
+              " must be CPU tensors, got ", coarse.device(), " and ", fine.device());
+  TORCH_CHECK(coarse.dim() == 4 && fine.dim() == 4, op, ": coarse and ", fine_name,
+              " must be 4-D [N, C, H, W], got shapes ", coarse.sizes(), " and ", fine.sizes());
+  TORCH_CHECK(coarse.scalar_type() == fine.scalar_type(), op, ": coarse and ", fine_name,
+              " must have the same dtype, got ", coarse.scalar_type(), " and ",
               fine.scalar_type());
   TORCH_CHECK(dtype_index(fine.scalar_type()) >= 0, op, ": unsupported dtype ",
               fine.scalar_type(), " (expected float16, bfloat16, float32 or float64)");
   const int64_t N = coarse.size(0), C = coarse.size(1), H = coarse.size(2), W = coarse.size(3);
   TORCH_CHECK(fine.size(0) == N && fine.size(1) == C && fine.size(2) == 2 * H &&
                   fine.size(3) == 2 * W,
-              op, ": fine must be [N, C, 2H, 2W] for coarse [N, C, H, W]; got coarse ",
-              coarse.sizes(), " and fine ", fine.sizes());
+              op, ": ", fine_name, " must be [N, C, 2H, 2W] for coarse [N, C, H, W]; got coarse ",
+              coarse.sizes(), " and ", fine_name, " ", fine.sizes());
   const at::ScalarType acc = acc_scalar_type(fine.scalar_type());
   TORCH_CHECK(w_coarse.has_value() == w_fine.has_value(), op,
               ": w_coarse and w_fine must be given together or both be None");
@@ -222,33 +234,45 @@ Tensor up2_fuse_fwd_cpu(const Tensor& coarse, const Tensor& fine,
 }
 
 // ----------------------------------------------------------------------------- backward
-std::tuple<Tensor, Tensor, Tensor, Tensor> up2_fuse_bwd_cpu(
-    const Tensor& grad_out, const Tensor& coarse, const Tensor& fine,
-    const std::optional<Tensor>& w_coarse, const std::optional<Tensor>& w_fine,
-    const std::optional<Tensor>& gate_coarse, const std::optional<Tensor>& gate_fine, double eps,
-    bool need_sums) {
-  check_common(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, "_up2_fuse_bwd");
-  TORCH_CHECK(grad_out.device().is_cpu(), "_up2_fuse_bwd: grad_out must be a CPU tensor, got ",
+// The backward of up2_fuse (with_fine) or its coarse half only (_up2_fuse_bwd_coarse: fine is
+// undefined, no grad_fine / sum_fine). One kernel for both: grad_fine.data == nullptr makes it
+// skip the fine half.
+struct BwdResult {
+  Tensor grad_coarse, grad_fine, sum_coarse, sum_fine;
+};
+
+BwdResult up2_bwd_common(const Tensor& grad_out, const Tensor& coarse, const Tensor* fine,
+                         const std::optional<Tensor>& w_coarse, const std::optional<Tensor>& w_fine,
+                         const std::optional<Tensor>& gate_coarse,
+                         const std::optional<Tensor>& gate_fine, double eps, bool need_sums,
+                         const char* op) {
+  const bool with_fine = fine != nullptr;
+  // Without fine, grad_out stands in for it in the shared checks (same shape, dtype, device).
+  check_common(coarse, with_fine ? *fine : grad_out, w_coarse, w_fine, gate_coarse, gate_fine, op,
+               with_fine ? "fine" : "grad_out");
+  const Tensor& ref = with_fine ? *fine : grad_out;
+  TORCH_CHECK(grad_out.device().is_cpu(), op, ": grad_out must be a CPU tensor, got ",
               grad_out.device());
-  TORCH_CHECK(grad_out.sizes() == fine.sizes(), "_up2_fuse_bwd: grad_out must have fine's shape ",
-              fine.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == fine.scalar_type(),
-              "_up2_fuse_bwd: grad_out must have fine's dtype ", fine.scalar_type(), ", got ",
+  TORCH_CHECK(grad_out.sizes() == ref.sizes(), op, ": grad_out must have fine's shape ",
+              ref.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == ref.scalar_type(), op,
+              ": grad_out must have fine's dtype ", ref.scalar_type(), ", got ",
               grad_out.scalar_type());
-  const at::ScalarType acc = acc_scalar_type(fine.scalar_type());
+  const at::ScalarType acc = acc_scalar_type(ref.scalar_type());
   const int64_t N = coarse.size(0), C = coarse.size(1);
-  Tensor grad_coarse = at::empty_like(coarse);
-  Tensor grad_fine = at::empty_like(fine);
+  BwdResult res;
+  res.grad_coarse = at::empty_like(coarse);
   const std::vector<int64_t> sum_shape =
       need_sums ? std::vector<int64_t>{N, C} : std::vector<int64_t>{0};
-  Tensor sum_coarse = at::empty(sum_shape, fine.options().dtype(acc));
-  Tensor sum_fine = at::empty_like(sum_coarse);
-  if (fine.numel() == 0) {
-    grad_coarse.zero_();
-    grad_fine.zero_();
-    sum_coarse.zero_();
-    sum_fine.zero_();
-    return {grad_coarse, grad_fine, sum_coarse, sum_fine};
+  res.sum_coarse = at::empty(sum_shape, ref.options().dtype(acc));
+  if (with_fine) {
+    res.grad_fine = at::empty_like(*fine);
+    res.sum_fine = at::empty_like(res.sum_coarse);
+  }
+  if (ref.numel() == 0) {
+    for (Tensor* t : {&res.grad_coarse, &res.grad_fine, &res.sum_coarse, &res.sum_fine})
+      if (t->defined()) t->zero_();
+    return res;
   }
   Up2Args a{};
   a.N = N;
@@ -256,13 +280,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> up2_fuse_bwd_cpu(
   a.H = coarse.size(2);
   a.W = coarse.size(3);
   a.coarse = view_of(coarse);
-  a.fine = view_of(fine);
   a.grad_out = view_of(grad_out);
-  a.grad_coarse = view_of(grad_coarse);
-  a.grad_fine = view_of(grad_fine);
-  const bool nhwc = C > 1 && grad_fine.stride(1) == 1;
+  a.grad_coarse = view_of(res.grad_coarse);
+  if (with_fine) {
+    a.fine = view_of(*fine);
+    a.grad_fine = view_of(res.grad_fine);
+  }
+  // The path follows grad_fine's layout, or without it grad_coarse's (coarse's memory format): a
+  // channels_last coarse with an NCHW grad_out (as a contiguous incoming gradient gives) measured
+  // faster on the nhwc path, whose row loads transpose grad_out in 8x8 blocks, than on the plane
+  // path, whose grad_coarse writes would scatter with stride C.
+  const bool nhwc = C > 1 && (with_fine ? res.grad_fine.stride(1) : res.grad_coarse.stride(1)) == 1;
   set_chunks(a, nhwc);
-  const int di = dtype_index(fine.scalar_type());
+  const int di = dtype_index(ref.scalar_type());
   const Up2KernelTable& k = kernels();
   const Up2Fn fn = nhwc ? k.bwd_nhwc[di] : k.bwd_plane[di];
   const int64_t units = (nhwc ? N : N * C) * a.nchunks;
@@ -275,21 +305,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> up2_fuse_bwd_cpu(
     std::vector<scalar_t> part_c, part_f;
     if (need_sums) {
       if (a.nchunks == 1) {
-        a.part_coarse = sum_coarse.data_ptr<scalar_t>();
-        a.part_fine = sum_fine.data_ptr<scalar_t>();
+        a.part_coarse = res.sum_coarse.data_ptr<scalar_t>();
+        if (with_fine) a.part_fine = res.sum_fine.data_ptr<scalar_t>();
       } else {
         const int64_t per_unit = nhwc ? C : 1;
         part_c.resize(units * per_unit);
-        part_f.resize(units * per_unit);
         a.part_coarse = part_c.data();
-        a.part_fine = part_f.data();
+        if (with_fine) {
+          part_f.resize(units * per_unit);
+          a.part_fine = part_f.data();
+        }
       }
     }
     run_units<scalar_t>(fn, a, /*bwd=*/true, nhwc, units);
     if (need_sums && a.nchunks > 1) {
       // Fixed-order reduction of the chunk partials: chunk 0, 1, ... for every (n, c).
-      scalar_t* sc = sum_coarse.data_ptr<scalar_t>();
-      scalar_t* sf = sum_fine.data_ptr<scalar_t>();
+      scalar_t* sc = res.sum_coarse.data_ptr<scalar_t>();
+      scalar_t* sf = with_fine ? res.sum_fine.data_ptr<scalar_t>() : nullptr;
       const int64_t nch = a.nchunks;
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t c = 0; c < C; ++c) {
@@ -297,15 +329,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> up2_fuse_bwd_cpu(
           for (int64_t k = 0; k < nch; ++k) {
             const int64_t idx = nhwc ? (n * nch + k) * C + c : (n * C + c) * nch + k;
             accc += part_c[idx];
-            accf += part_f[idx];
+            if (sf) accf += part_f[idx];
           }
           sc[n * C + c] = accc;
-          sf[n * C + c] = accf;
+          if (sf) sf[n * C + c] = accf;
         }
       }
     }
   });
-  return {grad_coarse, grad_fine, sum_coarse, sum_fine};
+  return res;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> up2_fuse_bwd_cpu(
+    const Tensor& grad_out, const Tensor& coarse, const Tensor& fine,
+    const std::optional<Tensor>& w_coarse, const std::optional<Tensor>& w_fine,
+    const std::optional<Tensor>& gate_coarse, const std::optional<Tensor>& gate_fine, double eps,
+    bool need_sums) {
+  BwdResult r = up2_bwd_common(grad_out, coarse, &fine, w_coarse, w_fine, gate_coarse, gate_fine,
+                               eps, need_sums, "_up2_fuse_bwd");
+  return {r.grad_coarse, r.grad_fine, r.sum_coarse, r.sum_fine};
+}
+
+std::tuple<Tensor, Tensor> up2_fuse_bwd_coarse_cpu(const Tensor& grad_out, const Tensor& coarse,
+                                                   const std::optional<Tensor>& w_coarse,
+                                                   const std::optional<Tensor>& w_fine,
+                                                   const std::optional<Tensor>& gate_coarse,
+                                                   double eps, bool need_sum) {
+  BwdResult r = up2_bwd_common(grad_out, coarse, nullptr, w_coarse, w_fine, gate_coarse,
+                               std::nullopt, eps, need_sum, "_up2_fuse_bwd_coarse");
+  return {r.grad_coarse, r.sum_coarse};
 }
 
 }  // namespace
@@ -315,4 +367,5 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> up2_fuse_bwd_cpu(
 TORCH_LIBRARY_IMPL(litefpn, CPU, m) {
   m.impl("_up2_fuse_fwd", &litefpn::cpu::up2_fuse_fwd_cpu);
   m.impl("_up2_fuse_bwd", &litefpn::cpu::up2_fuse_bwd_cpu);
+  m.impl("_up2_fuse_bwd_coarse", &litefpn::cpu::up2_fuse_bwd_coarse_cpu);
 }

@@ -10,7 +10,9 @@
 // cb = beta*gate_fine precomputed per (n, c) by the caller. Up2 is separable: a vertical blend of
 // two coarse rows (litefpn::up2_taps along y), then the horizontal 2x (up2_taps along x).
 // Backward: grad_fine = cb*g; grad_coarse = ca*Up2^T(g), gathered: a vertical gather of the
-// (clamped) fine rows of litefpn::up2_gather_taps, then the horizontal gather along x.
+// (clamped) fine rows of litefpn::up2_gather_taps, then the horizontal gather along x. With
+// grad_fine.data == nullptr the backward kernels do the coarse half only (grad_coarse and
+// sum_coarse: _up2_fuse_bwd_coarse); fine and part_fine are then not touched.
 // Arithmetic is in acc_t (float, or double for double storage); f16/bf16 rows are converted to
 // acc_t in small L1-resident row buffers, so are rows of any stride (zero included).
 //
@@ -113,10 +115,65 @@ static inline void store_row(c10::Half* __restrict d, const float* __restrict s,
 }
 #endif
 
+// Transposing load: d[p*ldd + c] = s[c*cs + p] (- center[c]) for p < P, c < C: C rows of
+// unit-stride pixels (NCHW-like) to pixel rows. Blocks of 8 channels, so each pass reads 8
+// source rows sequentially and writes 8 consecutive elements per pixel; the AVX2 build turns
+// float blocks of 8 x 8 around in registers.
+template <typename acc_t, typename scalar_t>
+static inline void transpose_load(acc_t* __restrict d, int64_t ldd, const scalar_t* __restrict s,
+                                  int64_t cs, int64_t P, int64_t C,
+                                  const acc_t* __restrict center) {
+  int64_t c0 = 0;
+#if LITEFPN_UP2_F16C
+  if (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+    const float* sf = reinterpret_cast<const float*>(s);
+    float* df = reinterpret_cast<float*>(d);
+    for (; c0 + 8 <= C; c0 += 8) {
+      const __m256 cv = center ? _mm256_loadu_ps(reinterpret_cast<const float*>(center) + c0)
+                               : _mm256_setzero_ps();
+      int64_t p0 = 0;
+      for (; p0 + 8 <= P; p0 += 8) {
+        __m256 r[8], t[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(sf + (c0 + i) * cs + p0);
+        for (int i = 0; i < 8; i += 2) {
+          t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+          t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+          r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+          r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+          r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+          r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        for (int i = 0; i < 4; ++i) {
+          t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+          t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+        }
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(df + (p0 + j) * ldd + c0, _mm256_sub_ps(t[j], cv));
+      }
+      for (; p0 < P; ++p0)
+        for (int i = 0; i < 8; ++i)
+          df[p0 * ldd + c0 + i] = sf[(c0 + i) * cs + p0] - (center ? center[c0 + i] : acc_t(0));
+    }
+  }
+#endif
+  for (; c0 < C; c0 += 8) {
+    const int nc = C - c0 < 8 ? static_cast<int>(C - c0) : 8;
+    acc_t cv[8];
+    for (int i = 0; i < nc; ++i) cv[i] = center ? center[c0 + i] : acc_t(0);
+    for (int64_t p = 0; p < P; ++p)
+      for (int i = 0; i < nc; ++i) d[p * ldd + c0 + i] = to_acc(s[(c0 + i) * cs + p]) - cv[i];
+  }
+}
+
 // Pixel row of P pixels x C channels (pixel stride ld, channel stride cs) <-> contiguous [P][C].
 template <typename acc_t, typename scalar_t>
 static inline void load_prow(acc_t* d, const scalar_t* s, int64_t P, int64_t C, int64_t ld,
                              int64_t cs) {
+  if (ld == 1 && cs != 1 && P > 1) {
+    transpose_load(d, C, s, cs, P, C, static_cast<const acc_t*>(nullptr));
+    return;
+  }
   for (int64_t p = 0; p < P; ++p) load_row(d + p * C, s + p * ld, C, cs);
 }
 template <typename scalar_t, typename acc_t>
@@ -358,6 +415,7 @@ static inline RowRing<scalar_t, acc_t> nhwc_ring(const Up2View& v, int64_t P, in
   return r;
 }
 
+#if !defined(LITEFPN_UP2_HELPERS_ONLY)  // lateral_kernels_<isa>.cpp take the helpers above only
 // ----------------------------------------------------------------------------- forward
 template <typename scalar_t>
 static void fwd_plane(const Up2Args& a, int64_t begin, int64_t end, void* scratch) {
@@ -509,6 +567,7 @@ static void bwd_plane(const Up2Args& a, int64_t begin, int64_t end, void* scratc
   const bool gc_direct = kSame && gcs[3] == 1;
   const bool gf_direct = kSame && gfs[3] == 1;
   const bool sums = a.part_coarse != nullptr;
+  const bool fine_half = gfdat != nullptr;  // else the coarse half only (_up2_fuse_bwd_coarse)
   acc_t* const part_c = static_cast<acc_t*>(a.part_coarse);
   acc_t* const part_f = static_cast<acc_t*>(a.part_fine);
   const acc_t* const CA = static_cast<const acc_t*>(a.ca);
@@ -552,7 +611,7 @@ static void bwd_plane(const Up2Args& a, int64_t begin, int64_t end, void* scratc
       if (!gc_direct) store_row(gcrow, gcbuf, W, gcs[3]);
       if (sums) dot_lanes(lc, crows.get(i, nullptr), gcr, W);
       // The fine rows 2i and 2i+1 (= yi[1], yi[2]) belong to this coarse row.
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < (fine_half ? 2 : 0); ++h) {
         const int64_t y = 2 * i + h;
         const acc_t* g = h == 0 ? g1 : g2;
         scalar_t* gfrow = gfpl + y * gfs[2];
@@ -575,7 +634,7 @@ static void bwd_plane(const Up2Args& a, int64_t begin, int64_t end, void* scratc
     }
     if (sums) {
       part_c[u] = reduce_lanes(lc);
-      part_f[u] = reduce_lanes(lf);
+      if (fine_half) part_f[u] = reduce_lanes(lf);
     }
   }
 }
@@ -600,6 +659,7 @@ static void bwd_nhwc(const Up2Args& a, int64_t begin, int64_t end, void* scratch
   const bool gc_direct = kSame && gcs[1] == 1;
   const bool gf_direct = kSame && gfs[1] == 1;
   const bool sums = a.part_coarse != nullptr;
+  const bool fine_half = gfdat != nullptr;  // else the coarse half only (_up2_fuse_bwd_coarse)
   const acc_t* const CA = static_cast<const acc_t*>(a.ca);
   const acc_t* const CB = static_cast<const acc_t*>(a.cb);
   RowRing<scalar_t, acc_t> grows = nhwc_ring<scalar_t, acc_t>(a.grad_out, W2, C, scr + L.off[kSegRing], 4);
@@ -618,9 +678,11 @@ static void bwd_nhwc(const Up2Args& a, int64_t begin, int64_t end, void* scratch
     scalar_t* const gfimg = gfdat + n * gfs[0];
     // Per-channel sums of this unit, accumulated pixel by pixel in a fixed order.
     acc_t* const psc = sums ? static_cast<acc_t*>(a.part_coarse) + u * C : nullptr;
-    acc_t* const psf = sums ? static_cast<acc_t*>(a.part_fine) + u * C : nullptr;
+    acc_t* const psf = sums && fine_half ? static_cast<acc_t*>(a.part_fine) + u * C : nullptr;
     if (sums) {
-      for (int64_t c = 0; c < C; ++c) psc[c] = psf[c] = acc_t(0);
+      for (int64_t c = 0; c < C; ++c) psc[c] = acc_t(0);
+      if (fine_half)
+        for (int64_t c = 0; c < C; ++c) psf[c] = acc_t(0);
     }
     for (int64_t i = ib; i < ie; ++i) {
       int64_t yi[::litefpn::kGatherTaps], ld[::litefpn::kGatherTaps];
@@ -650,7 +712,7 @@ static void bwd_nhwc(const Up2Args& a, int64_t begin, int64_t end, void* scratch
         }
       }
       if (!gc_direct) store_prow(gcrow, gcbuf, W, C, gcs[3], gcs[1]);
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < (fine_half ? 2 : 0); ++h) {
         const int64_t y = 2 * i + h;
         const acc_t* g = h == 0 ? g1 : g2;
         const int64_t ldg = h == 0 ? ld[1] : ld[2];
@@ -687,3 +749,4 @@ static const Up2KernelTable kTable = {
     {bwd_plane<float>, bwd_plane<double>, bwd_plane<c10::Half>, bwd_plane<c10::BFloat16>},
     {bwd_nhwc<float>, bwd_nhwc<double>, bwd_nhwc<c10::Half>, bwd_nhwc<c10::BFloat16>},
 };
+#endif  // !LITEFPN_UP2_HELPERS_ONLY

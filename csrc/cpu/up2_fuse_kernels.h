@@ -27,6 +27,7 @@ struct Up2Args {
   int64_t N, C, H, W;
   int64_t rows_per_chunk, nchunks;
   // forward: coarse, fine -> out;  backward: grad_out, coarse, fine -> grad_coarse, grad_fine
+  // (backward with grad_fine.data == nullptr: the coarse half only; fine is not read)
   Up2View coarse, fine, out;
   Up2View grad_out, grad_coarse, grad_fine;
   // [N*C] per-plane scales in the accumulation dtype: ca = alpha*gate_coarse, cb = beta*gate_fine.
@@ -48,6 +49,10 @@ struct Up2KernelTable {
   Up2Fn bwd_plane[kUp2NumDTypes];
   Up2Fn bwd_nhwc[kUp2NumDTypes];
 };
+
+// The instruction set the CPU kernels use (up2_fuse and lateral): true for the AVX2+FMA+F16C
+// variants (CPU support checked with cpuid/xgetbv), unless LITEFPN_CPU_ISA=default.
+bool cpu_use_avx2();
 
 const Up2KernelTable* up2_kernel_table_default();
 // nullptr where the AVX2 variant is not compiled (non-x86 builds).
