@@ -156,12 +156,11 @@ def neck_case(impl, batch, dtype, device, channels_last, neck=None):
     if channels_last:
         base = base.to(memory_format=torch.channels_last)
     train_m, eval_m = copy.deepcopy(base).train(), copy.deepcopy(base).eval()
+    # eager and compile time the plain module, whatever `auto` would pick on this device
+    train_m.backend = eval_m.backend = impl if impl not in ("eager", "compile") else "eager"
     if impl == "compile":
         train_run, eval_run = _compiled(train_m, device), _compiled(eval_m, device)
-    elif impl == "eager":
-        train_run, eval_run = train_m, eval_m
     else:
-        train_m.backend = eval_m.backend = impl
         train_run, eval_run = train_m, eval_m
     feats = neck_feats(batch, dtype if dtype == torch.float64 else torch.float32, device,
                        channels_last)
