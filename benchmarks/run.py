@@ -8,7 +8,8 @@ benchmarks/results/<machine>.json (one record per measurement, DESIGN.md section
 table (.md) and a plot (.png) beside it.
 
 GPU: CUDA events via triton.testing.do_bench (warm-up, median). CPU: wall clock, median of
-repeats after a warm-up, at --threads threads (default 2, the CI machine's size).
+interleaved rounds (every implementation of a step once per round) after a warm-up, at
+--threads threads (default 2, the CI machine's size).
 """
 import argparse
 import json
@@ -49,18 +50,33 @@ def _sync(device):
 
 def time_ms(fn, device, min_reps=3, budget_s=1.0, max_reps=50):
     """Median milliseconds of fn() after one warm-up call."""
-    fn()
+    return time_side_by_side({"fn": fn}, device, min_reps, budget_s, max_reps)["fn"]
+
+
+def time_side_by_side(fns, device, min_rounds=5, budget_s=2.0, max_rounds=50):
+    """{name: median ms} of each callable of `fns`, after one warm-up call each.
+
+    GPU: triton.testing.do_bench (CUDA events) per callable. CPU: wall clock in interleaved
+    rounds (a, b, c, a, b, c, ...), so that the slow drifts of a shared machine hit every
+    implementation alike and the ratios between them stay meaningful.
+    """
+    for fn in fns.values():
+        fn()
     _sync(device)
     if device.type == "cuda":
         import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    times = []
+        return {k: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+                for k, fn in fns.items()}
+    times = {k: [] for k in fns}
     start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < max_rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def peak_mem_mb(fn, device):
@@ -153,13 +169,14 @@ def main(argv=None):
                     impls = [i for i in impls if i in args.impls.split(",")]
                 for level in levels:
                     group = []
-                    for impl in impls:
-                        case = build_cases(op, level, impl, args.batch, dtype, device,
-                                           channels_last)
-                        for pass_name in passes:
-                            fn = case.run[pass_name]
-                            ms = time_ms(fn, device)
-                            mem = peak_mem_mb(fn, device)
+                    built = {impl: build_cases(op, level, impl, args.batch, dtype, device,
+                                               channels_last) for impl in impls}
+                    for pass_name in passes:
+                        fns = {impl: case.run[pass_name] for impl, case in built.items()}
+                        medians = time_side_by_side(fns, device)
+                        for impl, case in built.items():
+                            ms = medians[impl]
+                            mem = peak_mem_mb(fns[impl], device)
                             nbytes = case.bytes[pass_name]
                             gbps = nbytes / ms / 1e6 if nbytes else None
                             rec = dict(op=case.op, backend=impl, **{"pass": pass_name},
@@ -171,7 +188,7 @@ def main(argv=None):
                             bw = f"{gbps:8.1f} GB/s ({rec['pct_copy_bw']:5.1f}% copy)" if gbps else ""
                             print(f"[{dtype_name} {layout}] {case.op:24s} {pass_name:8s} "
                                   f"{impl:8s} {ms:10.3f} ms {bw} peak {mem:8.1f} MB", flush=True)
-                        del case
+                    del built
                     _add_speedups(group)
                     records.extend(group)
 

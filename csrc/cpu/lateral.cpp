@@ -30,6 +30,7 @@
 
 #include "lateral_kernels.h"
 #include "litefpn_math.h"
+#include "output_alloc.h"
 #include "up2_fuse_kernels.h"
 
 namespace litefpn {
@@ -216,8 +217,8 @@ Tensor lateral_up2_fuse_fwd_cpu(const Tensor& coarse, const Tensor& z, const Ten
   if (gate_fine.has_value()) check_small(*gate_fine, acc, {N, C}, op, "gate_fine");
   // out in z's memory format (as the operator's fake kernel: ops._out_like_z)
   const bool cl = z.is_contiguous(at::MemoryFormat::ChannelsLast) && !z.is_contiguous();
-  Tensor out = at::empty({N, C, 2 * H, 2 * W}, z.options(),
-                         cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  Tensor out = empty_output({N, C, 2 * H, 2 * W}, z.options(),
+                             cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
   const int64_t lanes = lanes_of(acc);
   LatFwdArgs f{};
@@ -296,7 +297,7 @@ Tensor lateral_grad_z_cpu(const Tensor& grad_out, const Tensor& z, const Tensor&
   if (scale.has_value()) check_small(*scale, acc, {N, C}, op, "scale");
   if (quad.has_value()) check_small(*quad, acc, {Cin, Cin}, op, "quad");
   if (shift.has_value()) check_small(*shift, acc, {Cin}, op, "shift");
-  Tensor grad_z = at::empty_like(z);
+  Tensor grad_z = empty_output_like(z);
   if (grad_z.numel() == 0) return grad_z;
   const int64_t lanes = lanes_of(acc);
   LatGradZArgs g{};

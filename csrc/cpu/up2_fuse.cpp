@@ -35,6 +35,7 @@
 #endif
 
 #include "litefpn_math.h"
+#include "output_alloc.h"
 #include "up2_fuse_kernels.h"
 
 namespace litefpn {
@@ -207,7 +208,7 @@ Tensor up2_fuse_fwd_cpu(const Tensor& coarse, const Tensor& fine,
                         const std::optional<Tensor>& gate_coarse,
                         const std::optional<Tensor>& gate_fine, double eps) {
   check_common(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, "_up2_fuse_fwd");
-  Tensor out = at::empty_like(fine);
+  Tensor out = empty_output_like(fine);
   if (out.numel() == 0) return out;
   Up2Args a{};
   a.N = coarse.size(0);
@@ -261,12 +262,12 @@ BwdResult up2_bwd_common(const Tensor& grad_out, const Tensor& coarse, const Ten
   const at::ScalarType acc = acc_scalar_type(ref.scalar_type());
   const int64_t N = coarse.size(0), C = coarse.size(1);
   BwdResult res;
-  res.grad_coarse = at::empty_like(coarse);
+  res.grad_coarse = empty_output_like(coarse);
   const std::vector<int64_t> sum_shape =
       need_sums ? std::vector<int64_t>{N, C} : std::vector<int64_t>{0};
   res.sum_coarse = at::empty(sum_shape, ref.options().dtype(acc));
   if (with_fine) {
-    res.grad_fine = at::empty_like(*fine);
+    res.grad_fine = empty_output_like(*fine);
     res.sum_fine = at::empty_like(res.sum_coarse);
   }
   if (ref.numel() == 0) {
