@@ -141,6 +141,48 @@ def lateral_up2_fuse_case(impl, level, batch, dtype, device, channels_last):
                 {"fwd": fwd_bytes, "eval": fwd_bytes, "fwd_bwd": fwd_bytes + bwd_bytes})
 
 
+def bn_silu_case(impl, level, batch, dtype, device, channels_last):
+    """A smooth's BatchNorm + SiLU on the level's output map [B, 128, 2H, 2W] (training:
+    batch statistics and the running-statistics update; eval: running statistics)."""
+    (h, w), _ = LEVELS[level]
+    x = _rand((batch, CHANNELS, 2 * h, 2 * w), dtype, device, channels_last, True)
+    acc = torch.float32 if dtype != torch.float64 else dtype
+    bn_w = torch.ones(CHANNELS, device=device, dtype=acc, requires_grad=True)
+    bn_b = torch.zeros(CHANNELS, device=device, dtype=acc, requires_grad=True)
+    stats = [torch.zeros(CHANNELS, device=device, dtype=acc),
+             torch.ones(CHANNELS, device=device, dtype=acc)]
+    state = {"training": True}
+    backend = "eager" if impl in ("eager", "compile") else impl
+
+    def fn(xx, w, b, training):
+        return ops.bn_silu(xx, w, b, stats[0], stats[1], training, backend=backend)
+    if impl == "compile":
+        fn = _compiled(fn, device)
+    inputs = [x, bn_w, bn_b]
+    run = _passes(lambda: fn(*inputs, state["training"]), inputs, x)
+    eval_fwd = run["eval"]
+
+    def evaluate():
+        state["training"] = False
+        try:
+            eval_fwd()
+        finally:
+            state["training"] = True
+
+    nbytes = x.numel() * x.element_size()
+    return Case(f"bn_silu@{level}", impl, {"fwd": run["fwd"], "fwd_bwd": run["fwd_bwd"],
+                                          "eval": evaluate},
+                {"fwd": 2 * nbytes, "eval": 2 * nbytes, "fwd_bwd": 5 * nbytes})
+
+
+def impls_for(op, device):
+    """eager, compile and the fused backends that have kernels for `op` on `device`."""
+    fused = fused_backends(device)
+    if op == "bn_silu":
+        fused = [b for b in fused if b in ops.BN_SILU_BACKENDS]
+    return ["eager", "compile"] + fused
+
+
 def neck_feats(batch, dtype, device, channels_last, requires_grad=True):
     return [_rand((batch,) + s, dtype, device, channels_last, requires_grad) for s in SPEC_FEATS]
 

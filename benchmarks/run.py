@@ -1,7 +1,7 @@
 """The benchmark report: `python -m benchmarks.run` (or `make bench`).
 
-Times each glue step of the neck (Up2 + fuse at each level; 1x1 lateral + BN + Up2 + fuse) and
-the whole neck, forward / forward+backward / eval, for eager PyTorch, torch.compile and every
+Times each glue step of the neck (Up2 + fuse at each level; 1x1 lateral + BN + Up2 + fuse; a
+smooth's BN + SiLU) and the whole neck, forward / forward+backward / eval, for eager PyTorch, torch.compile and every
 fused backend that runs here, side by side in one run. Also times a plain device copy of a 1/4
 level map, and reports each op's achieved bandwidth as a % of that copy's. Writes
 benchmarks/results/<machine>.json (one record per measurement, DESIGN.md section 5), a markdown
@@ -108,6 +108,8 @@ def build_cases(op, level, impl, batch, dtype, device, channels_last):
         return cases.up2_fuse_case(impl, level, batch, dtype, device, channels_last)
     if op == "lateral_up2_fuse":
         return cases.lateral_up2_fuse_case(impl, level, batch, dtype, device, channels_last)
+    if op == "bn_silu":
+        return cases.bn_silu_case(impl, level, batch, dtype, device, channels_last)
     return cases.neck_case(impl, batch, dtype, device, channels_last)
 
 
@@ -118,7 +120,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=256 if gpu else 8)
     p.add_argument("--dtypes", default="bf16,fp16" if gpu else "fp32")
     p.add_argument("--layouts", default="channels_last,contiguous")
-    p.add_argument("--ops", default="up2_fuse,lateral_up2_fuse,neck")
+    p.add_argument("--ops", default="up2_fuse,lateral_up2_fuse,bn_silu,neck")
     p.add_argument("--levels", default="1/16,1/8,1/4" if gpu else "1/4")
     p.add_argument("--passes", default=",".join(cases.PASSES))
     p.add_argument("--impls", default=None,
@@ -164,7 +166,7 @@ def main(argv=None):
                                 speedup_vs_eager=None, speedup_vs_compile=None, **meta))
             for op in args.ops.split(","):
                 levels = [None] if op == "neck" else args.levels.split(",")
-                impls = ["eager", "compile"] + cases.fused_backends(device)
+                impls = cases.impls_for(op, device)
                 if args.impls:
                     impls = [i for i in impls if i in args.impls.split(",")]
                 for level in levels:

@@ -15,8 +15,8 @@ BATCH = int(os.environ.get("LITEFPN_BENCH_BATCH", 256 if DEVICE.type == "cuda" e
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
-IMPLS = ["eager", "compile"] + cases.fused_backends(DEVICE)
-PARAMS = [(op, impl) for op in ("up2_fuse", "lateral_up2_fuse", "neck") for impl in IMPLS]
+OPS = ("up2_fuse", "lateral_up2_fuse", "bn_silu", "neck")
+PARAMS = [(op, impl) for op in OPS for impl in cases.impls_for(op, DEVICE)]
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +35,8 @@ def test_bench(benchmark, op, impl, pass_, layout):
         case = cases.up2_fuse_case(impl, "1/4", BATCH, DTYPE, DEVICE, channels_last)
     elif op == "lateral_up2_fuse":
         case = cases.lateral_up2_fuse_case(impl, "1/4", BATCH, DTYPE, DEVICE, channels_last)
+    elif op == "bn_silu":
+        case = cases.bn_silu_case(impl, "1/4", BATCH, DTYPE, DEVICE, channels_last)
     else:
         case = cases.neck_case(impl, BATCH, DTYPE, DEVICE, channels_last)
     fn = case.run[pass_]

@@ -46,3 +46,26 @@ TORCH_LIBRARY_FRAGMENT(litefpn, m) {
   m.def("_up2_fuse_bwd_coarse(Tensor grad_out, Tensor coarse, Tensor? w_coarse, Tensor? w_fine, "
         "Tensor? gate_coarse, float eps, bool need_sum) -> (Tensor, Tensor)");
 }
+
+// Kernels of bn_silu: BatchNorm2d + SiLU, y = silu(x*scale + shift) with scale, shift folded
+// from the batch (or running) statistics by the caller (ops.py). x is [N, C, H, W] of float16,
+// bfloat16, float32 or float64; "acc" is float64 for float64 x, else float32; every per-channel
+// vector is a contiguous [C] tensor of the acc dtype, and all arithmetic is in acc. Sums run in a
+// fixed order that depends on the shape only (bitwise the same for any thread count); with
+// N*H*W == 0 or C == 0 they are zeros and the outputs are empty.
+TORCH_LIBRARY_FRAGMENT(litefpn, m) {
+  // s1[c] = sum_nhw (x - center[c]), s2[c] = sum_nhw (x - center[c])^2; [C] acc.
+  m.def("_bn_silu_stats(Tensor x, Tensor center) -> (Tensor, Tensor)");
+  // a = x*scale[c] + shift[c]; y = a / (1 + exp(-a)) (eager's silu formula, IEEE NaN/Inf
+  // behaviour included). y has x's dtype and shape; channels_last if x is channels_last
+  // (and not contiguous), else contiguous.
+  m.def("_bn_silu_fwd(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  // a as above; sg = 1/(1 + exp(-a)); dz = grad_out*sg*(1 + a*(1 - sg)) (eager's
+  // silu_backward); s1[c] = sum_nhw dz, s2[c] = sum_nhw dz*(x - center[c]); [C] acc.
+  // grad_out: x's shape and dtype, any strides (zero strides of an expanded tensor included).
+  m.def("_bn_silu_bwd_sums(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, "
+        "Tensor center) -> (Tensor, Tensor)");
+  // grad_x = dz*k_dz[c] + x*k_x[c] + k_0[c], dz as above; grad_x like _bn_silu_fwd's y.
+  m.def("_bn_silu_bwd(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor k_dz, "
+        "Tensor k_x, Tensor k_0) -> Tensor");
+}

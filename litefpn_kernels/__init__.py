@@ -6,8 +6,8 @@
     y = ops.up2_fuse(coarse, fine, w_c, w_f, backend="auto")
 """
 from . import backends, functional, ops
-from .ops import lateral_up2_fuse, up2_fuse
+from .ops import bn_silu, lateral_up2_fuse, up2_fuse
 from .reference import LiteFPN, LiteFPNOutput, convert
 
-__all__ = ["LiteFPN", "LiteFPNOutput", "backends", "convert", "functional", "lateral_up2_fuse",
-           "ops", "up2_fuse"]
+__all__ = ["LiteFPN", "LiteFPNOutput", "backends", "bn_silu", "convert", "functional",
+           "lateral_up2_fuse", "ops", "up2_fuse"]

@@ -1,7 +1,8 @@
 """The fused operators, registered with torch.library (namespace `litefpn`).
 
 `up2_fuse(coarse, fine, ...)` computes ``alpha*gate_coarse*Up2(coarse) + beta*gate_fine*fine``
-in one pass. Each backend is a kernel behind the same custom op (`cpu` and `cuda` in
+in one pass; `lateral_up2_fuse` adds the 1x1 lateral conv + BatchNorm in front of `fine`;
+`bn_silu` is the smooths' BatchNorm + SiLU without a stored BatchNorm output. Each backend is a kernel behind the same custom op (`cpu` and `cuda` in
 `csrc/`, `triton` in `litefpn_kernels/triton/`); `eager` is the plain PyTorch composition in
 `functional.py`, the reference every backend is tested against.
 
@@ -15,13 +16,14 @@ Layering, one concern each:
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
 from .functional import (FUSION_EPS, fusion_weights, lateral_up2_fuse_reference,
                          up2_fuse_reference)
 
-__all__ = ["up2_fuse", "lateral_up2_fuse"]
+__all__ = ["up2_fuse", "lateral_up2_fuse", "bn_silu"]
 
 #: activation dtypes the fused kernels take (float64 is for gradcheck: CPU and the interpreter).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -257,11 +259,33 @@ def up2_fuse(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor] = None,
 def _check_vector(name, t, length, ref_name, ref):
     if not isinstance(t, Tensor) or tuple(t.shape) != (length,):
         got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"{name} must have shape [{length}] (the output channels), got {got}")
+        raise ValueError(f"{name} must have shape [{length}] (one value per channel), got {got}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_batch_norm_args(c, ref_name, ref, bn_weight, bn_bias, running_mean, running_var,
+                           training, momentum, bn_eps):
+    """F.batch_norm's arguments for a map `ref` whose BatchNorm has `c` channels."""
+    _check_vector("bn_weight", bn_weight, c, ref_name, ref)
+    _check_vector("bn_bias", bn_bias, c, ref_name, ref)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None: "
+                         "no running statistics)")
+    if running_mean is not None:
+        _check_vector("running_mean", running_mean, c, ref_name, ref)
+        _check_vector("running_var", running_var, c, ref_name, ref)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not training and running_mean is None:
+        raise ValueError("training=False needs running_mean and running_var (eval BatchNorm "
+                         "normalises with the running statistics)")
+    if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if not isinstance(bn_eps, (int, float)) or not bn_eps >= 0:
+        raise ValueError(f"bn_eps must be a non-negative number, got {bn_eps!r}")
 
 
 def _check_lateral(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var,
@@ -280,23 +304,8 @@ def _check_lateral(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, run
     if not conv_weight.is_floating_point() or conv_weight.device != z.device:
         raise ValueError(f"conv_weight must be a floating point tensor on {z.device}, got "
                          f"{conv_weight.dtype} on {conv_weight.device}")
-    _check_vector("bn_weight", bn_weight, c, "z", z)
-    _check_vector("bn_bias", bn_bias, c, "z", z)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None: "
-                         "no running statistics)")
-    if running_mean is not None:
-        _check_vector("running_mean", running_mean, c, "z", z)
-        _check_vector("running_var", running_var, c, "z", z)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if not training and running_mean is None:
-        raise ValueError("training=False needs running_mean and running_var (eval BatchNorm "
-                         "normalises with the running statistics)")
-    if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-    if not isinstance(bn_eps, (int, float)) or not bn_eps >= 0:
-        raise ValueError(f"bn_eps must be a non-negative number, got {bn_eps!r}")
+    _check_batch_norm_args(c, "z", z, bn_weight, bn_bias, running_mean, running_var, training,
+                           momentum, bn_eps)
     _check_fusion_params("coarse", coarse, w_coarse, w_fine, gate_coarse, gate_fine)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
@@ -549,3 +558,172 @@ def lateral_up2_fuse(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: 
         _update_running_stats(running_mean, running_var, conv_weight, mean_z, cov_z,
                               z.shape[0] * z.shape[2] * z.shape[3], momentum)
     return out
+
+
+# ============================================================================= bn_silu
+# SiLU(BatchNorm2d(x)): the BatchNorm + activation after each 3x3 smooth, in two passes over x
+# forward (statistics, then normalise + SiLU) and two backward (per-channel sums, then grad_x),
+# instead of eager's BN and SiLU passes and their saved intermediate. Only x and per-channel
+# vectors are saved: the BN output is recomputed in the backward, never stored. Kernel contracts
+# are in csrc/ops.cpp (`_bn_silu_*`); the statistics are taken around a per-channel pilot value
+# of x (as lateral_up2_fuse does for z), so fp32 sums stay accurate for a large mean.
+
+#: backends with bn_silu kernels; on the others the module keeps nn.BatchNorm2d + SiLU.
+BN_SILU_BACKENDS = ("eager", "cpu")
+
+
+def _check_bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                   bn_eps):
+    _check_4d("x", x)
+    _check_batch_norm_args(x.shape[1], "x", x, bn_weight, bn_bias, running_mean, running_var,
+                           training, momentum, bn_eps)
+    if training and x.numel() > 0 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{list(x.shape)}")  # F.batch_norm's own check
+
+
+def _bn_silu_kernels(backend):
+    """Namespace of the four bn_silu kernels (stats, fwd, bwd_sums, bwd) of a backend."""
+    if backend == "cpu":
+        ops = torch.ops.litefpn
+        return _BnSiluKernels(ops._bn_silu_stats, ops._bn_silu_fwd, ops._bn_silu_bwd_sums,
+                              ops._bn_silu_bwd)
+    raise ValueError(f"no fused bn_silu kernels for backend {backend!r}")
+
+
+class _BnSiluKernels:
+    def __init__(self, stats, fwd, bwd_sums, bwd):
+        self.stats, self.fwd, self.bwd_sums, self.bwd = stats, fwd, bwd_sums, bwd
+
+
+def _bn_silu_affine(bn_weight, bn_bias, mean, var, bn_eps, acc):
+    """(scale, shift, r) with BN(x) = x*scale + shift, r = 1/sqrt(var + eps)."""
+    r = torch.rsqrt(var + bn_eps)
+    scale = bn_weight.to(acc) * r
+    return scale.contiguous(), (bn_bias.to(acc) - mean * scale).contiguous(), r
+
+
+def _like_x(x):
+    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+           and not x.is_contiguous() else torch.contiguous_format)
+    return torch.empty_like(x, memory_format=fmt)
+
+
+@torch.library.custom_op("litefpn::bn_silu", mutates_args=())
+def _bn_silu_op(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], training: bool, bn_eps: float, backend: str
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (y, mean, var): the batch mean and biased variance ([C], accumulation dtype) in
+    training, for the backward and for `bn_silu`'s running-statistics update; [0] in eval."""
+    acc = acc_dtype(x.dtype)
+    mean, var = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+    if x.numel() == 0:
+        return _like_x(x), mean, var
+    kernels = _bn_silu_kernels(backend)
+    if training:
+        pilot = x[0, :, 0, 0].to(acc).contiguous()
+        s1, s2 = kernels.stats(x, pilot)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        d = s1 / count
+        mean, var = pilot + d, (s2 / count - d * d).clamp_min(0)
+        scale, shift, _ = _bn_silu_affine(bn_weight, bn_bias, mean, var, bn_eps, acc)
+    else:
+        scale, shift, _ = _bn_silu_affine(bn_weight, bn_bias, running_mean.to(acc),
+                                          running_var.to(acc), bn_eps, acc)
+    return kernels.fwd(x, scale, shift), mean, var
+
+
+@_bn_silu_op.register_fake
+def _(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps, backend):
+    stats = (x.shape[1],) if training and x.numel() > 0 else (0,)
+    acc = acc_dtype(x.dtype)
+    return _like_x(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+
+
+@torch.library.custom_op("litefpn::bn_silu_backward", mutates_args=())
+def _bn_silu_backward_op(grad_out: Tensor, x: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                         mean: Tensor, var: Tensor, training: bool, bn_eps: float, backend: str
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (grad_x, grad_bn_weight, grad_bn_bias); `mean`, `var` are the statistics the forward
+    normalised with (batch ones in training, running ones in eval).
+
+    With a = BN(x), dz = grad_out * silu'(a), r = 1/sqrt(var + eps), M = N*H*W and the kernel
+    sums s1 = sum dz, s2 = sum dz*(x - mean):  d_bias = s1, d_weight = r*s2;
+    train: grad_x = gamma*r*(dz - s1/M - (x - mean)*r^2*s2/M);  eval: grad_x = gamma*r*dz.
+    """
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        return torch.zeros_like(x), torch.zeros_like(bn_weight), torch.zeros_like(bn_bias)
+    kernels = _bn_silu_kernels(backend)
+    mean, var = mean.to(acc).contiguous(), var.to(acc)
+    scale, shift, r = _bn_silu_affine(bn_weight, bn_bias, mean, var, bn_eps, acc)
+    s1, s2 = kernels.bwd_sums(grad_out, x, scale, shift, mean)
+    if training:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        k_x = -scale * r * r * s2 / count
+        k_0 = -mean * k_x - scale * s1 / count
+    else:
+        k_x = k_0 = torch.zeros_like(scale)
+    grad_x = kernels.bwd(grad_out, x, scale, shift, scale, k_x.contiguous(), k_0.contiguous())
+    return grad_x, (r * s2).to(bn_weight.dtype), s1.to(bn_bias.dtype)
+
+
+@_bn_silu_backward_op.register_fake
+def _(grad_out, x, bn_weight, bn_bias, mean, var, training, bn_eps, backend):
+    return _like_x(x), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
+
+
+def _bn_silu_setup_context(ctx, inputs, output):
+    x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps, backend = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    if training:  # the batch statistics; the running ones are updated in place after the op
+        running_mean = running_var = None
+    ctx.save_for_backward(x, bn_weight, bn_bias, mean, var, running_mean, running_var)
+    ctx.training, ctx.bn_eps, ctx.backend = training, bn_eps, backend
+
+
+def _bn_silu_backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, bn_weight, bn_bias, mean, var, running_mean, running_var = ctx.saved_tensors
+    if not ctx.training:
+        mean, var = running_mean, running_var
+    grad_x, grad_w, grad_b = torch.ops.litefpn.bn_silu_backward(
+        grad_out, x, bn_weight, bn_bias, mean, var, ctx.training, ctx.bn_eps, ctx.backend)
+    need = ctx.needs_input_grad
+    return (grad_x if need[0] else None, grad_w if need[1] else None,
+            grad_b if need[2] else None, None, None, None, None, None)
+
+
+_bn_silu_op.register_autograd(_bn_silu_backward, setup_context=_bn_silu_setup_context)
+
+
+def bn_silu(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor],
+            running_var: Optional[Tensor], training: bool, momentum: float = 0.1,
+            bn_eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+    """``F.silu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training,
+    momentum, bn_eps))`` with F.batch_norm's exact semantics (running statistics updated in
+    place in training, unbiased variance), without storing the BatchNorm output.
+
+    x: [N, C, H, W]; the vectors [C]. The output has x's dtype and memory format. Backends:
+    "eager" (the composition above) and "cpu"; "auto" is "cpu" for CPU tensors when the
+    extension is built, else "eager" (no GPU kernels yet).
+    """
+    _check_bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, bn_eps)
+    name = backends.resolve(backend, x.device)
+    if backend == "auto" and name not in BN_SILU_BACKENDS:
+        name = "eager"
+    if name not in BN_SILU_BACKENDS:
+        raise RuntimeError(f"backend={backend!r} has no bn_silu kernels (available: "
+                           f"{BN_SILU_BACKENDS})")
+    if name == "eager":
+        return F.silu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training,
+                                   momentum, bn_eps))
+    y, mean, var = torch.ops.litefpn.bn_silu(x, bn_weight, bn_bias, running_mean, running_var,
+                                             training, float(bn_eps), name)
+    if training and running_mean is not None and x.numel() > 0:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_((momentum * mean).to(running_mean.dtype))
+            running_var.mul_(1 - momentum).add_(
+                (momentum * count / (count - 1) * var).to(running_var.dtype))
+    return y

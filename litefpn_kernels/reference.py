@@ -206,16 +206,25 @@ def _bn_args(bn: nn.BatchNorm2d):
             factor)
 
 
-def _conv_bn(m: ConvBN, x: Tensor) -> Tensor:
-    """ConvBN with eval BatchNorm folded into the convolution (one pass instead of two)."""
-    bn = m.bn
+def _conv_bn(m: ConvBN, x: Tensor, backend: str = "eager") -> Tensor:
+    """ConvBN on the fused path. Training BatchNorm + SiLU (the smooths) runs as one `bn_silu`
+    on backends that have its kernels (no stored BN output); eval BatchNorm is folded into the
+    convolution (one pass instead of two), and without autograd the SiLU then runs in place."""
+    bn, silu = m.bn, isinstance(m.act, nn.SiLU)
     if bn.training or bn.running_mean is None:
+        if silu and backend != "eager" and backend in ops.BN_SILU_BACKENDS:
+            running_mean, running_var, training, momentum = _bn_args(bn)
+            return ops.bn_silu(m.conv(x), bn.weight, bn.bias, running_mean, running_var,
+                               training, momentum, bn.eps, backend=backend)
         return m(x)
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     conv = m.conv
     weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
     bias = (bn.bias - bn.running_mean * scale).to(conv.weight.dtype)
-    return m.act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if silu and not torch.is_grad_enabled():
+        return F.silu(y, inplace=True)
+    return m.act(y)
 
 
 def _autocast_input(t: Tensor) -> Tensor:
@@ -364,19 +373,23 @@ class LiteFPN(nn.Module):
     def _forward_fused(self, feats, backend):
         """The same network with its glue on the fused operators (README, "What is fused")."""
         b1, b2, b3, b4 = feats
+
+        def smooth(m, x):
+            return _conv_bn(m, x, backend)
+
         p5 = _conv_bn(self.l5, b4)
-        p4_td = _conv_bn(self.s4, _fused_level(self.l4, self.fuse4, _conv_bn(self.s5, p5), b3,
-                                                False, backend))
-        p3_td = _conv_bn(self.s3, _fused_level(self.l3, self.fuse3, p4_td, b2, False, backend))
+        p4_td = smooth(self.s4, _fused_level(self.l4, self.fuse4, smooth(self.s5, p5), b3,
+                                             False, backend))
+        p3_td = smooth(self.s3, _fused_level(self.l3, self.fuse3, p4_td, b2, False, backend))
         if self.hr_fusion == "add":
-            hf = _conv_bn(self.s2, _fused_level(self.l2, self.fuse2, p3_td, b1, True, backend))
+            hf = smooth(self.s2, _fused_level(self.l2, self.fuse2, p3_td, b1, True, backend))
         else:
-            hf = _conv_bn(self.s2, torch.cat([_conv_bn(self.l2, b1), up2(p3_td)], dim=1))
+            hf = smooth(self.s2, torch.cat([_conv_bn(self.l2, b1), up2(p3_td)], dim=1))
         if not self.pan:
             return LiteFPNOutput(hf, p3_td, p4_td, p5)
-        n3 = _conv_bn(self.pan_s3, self.pan_fuse3(self.down3(hf), p3_td))
-        n4 = _conv_bn(self.pan_s4, self.pan_fuse4(self.down4(n3), p4_td))
-        n5 = _conv_bn(self.pan_s5, self.pan_fuse5(self.down5(n4), p5))
+        n3 = smooth(self.pan_s3, self.pan_fuse3(self.down3(hf), p3_td))
+        n4 = smooth(self.pan_s4, self.pan_fuse4(self.down4(n3), p4_td))
+        n5 = smooth(self.pan_s5, self.pan_fuse5(self.down5(n4), p5))
         return LiteFPNOutput(hf, p3_td, p4_td, p5, n3, n4, n5)
 
     def _forward_eager(self, feats):

@@ -1,4 +1,4 @@
-"""The lateral kernels' contracts (csrc/ops.cpp) as float64 PyTorch, for testing the operator's
+"""The lateral and bn_silu kernels' contracts (csrc/ops.cpp) as float64 PyTorch, for testing the operator's
 glue math (statistics, BN folding, chain rule in ops.py) apart from any compiled kernel.
 
 Installed in place of a backend's kernels with `use_contract(monkeypatch)`.
@@ -67,11 +67,49 @@ def bwd_coarse(grad_out, coarse, w_coarse, w_fine, gate_coarse, eps, need_sum):
     return grad, sums
 
 
+def _per_c(v):
+    return v.double()[:, None, None]
+
+
+def _bn_silu_dz(grad_out, x, scale, shift):
+    a = x.double() * _per_c(scale) + _per_c(shift)
+    s = torch.sigmoid(a)
+    return grad_out.double() * s * (1 + a * (1 - s))
+
+
+def bn_silu_stats(x, center):
+    v = x.double() - _per_c(center)
+    return v.sum((0, 2, 3)).to(_acc(x)), (v * v).sum((0, 2, 3)).to(_acc(x))
+
+
+def bn_silu_fwd(x, scale, shift):
+    y = torch.nn.functional.silu(x.double() * _per_c(scale) + _per_c(shift))
+    return y.to(x.dtype).contiguous(memory_format=_fmt(x))
+
+
+def bn_silu_bwd_sums(grad_out, x, scale, shift, center):
+    dz = _bn_silu_dz(grad_out, x, scale, shift)
+    return (dz.sum((0, 2, 3)).to(_acc(x)),
+            (dz * (x.double() - _per_c(center))).sum((0, 2, 3)).to(_acc(x)))
+
+
+def bn_silu_bwd(grad_out, x, scale, shift, k_dz, k_x, k_0):
+    dz = _bn_silu_dz(grad_out, x, scale, shift)
+    g = dz * _per_c(k_dz) + x.double() * _per_c(k_x) + _per_c(k_0)
+    return g.to(x.dtype).contiguous(memory_format=_fmt(x))
+
+
 class _Contract:
     gram, fwd, grad_z, bwd_coarse = staticmethod(gram), staticmethod(fwd), \
         staticmethod(grad_z), staticmethod(bwd_coarse)
 
 
+class _BnSiluContract:
+    stats, fwd, bwd_sums, bwd = staticmethod(bn_silu_stats), staticmethod(bn_silu_fwd), \
+        staticmethod(bn_silu_bwd_sums), staticmethod(bn_silu_bwd)
+
+
 def use_contract(monkeypatch):
-    """Every backend's lateral kernels become the float64 contract above."""
+    """Every backend's lateral and bn_silu kernels become the float64 contracts above."""
     monkeypatch.setattr(ops, "_lateral_kernels", lambda backend: _Contract)
+    monkeypatch.setattr(ops, "_bn_silu_kernels", lambda backend: _BnSiluContract)

@@ -30,7 +30,7 @@
 
 #include "lateral_kernels.h"
 #include "litefpn_math.h"
-#include "output_alloc.h"
+#include "torch_glue.h"
 #include "up2_fuse_kernels.h"
 
 namespace litefpn {
@@ -48,28 +48,7 @@ const LatKernelTable& lat_kernels() {
   return *table;
 }
 
-int dtype_index(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kUp2F32;
-    case at::kDouble: return kUp2F64;
-    case at::kHalf: return kUp2F16;
-    case at::kBFloat16: return kUp2BF16;
-    default: return -1;
-  }
-}
-
-at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 int64_t lanes_of(at::ScalarType acc) { return lat_lanes(acc == at::kDouble); }
-
-Up2View view_of(const Tensor& t) {
-  Up2View v;
-  v.data = const_cast<void*>(t.const_data_ptr());
-  for (int d = 0; d < 4; ++d) v.s[d] = t.stride(d);
-  return v;
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

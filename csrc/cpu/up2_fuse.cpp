@@ -35,7 +35,7 @@
 #endif
 
 #include "litefpn_math.h"
-#include "output_alloc.h"
+#include "torch_glue.h"
 #include "up2_fuse_kernels.h"
 
 namespace litefpn {
@@ -87,27 +87,6 @@ const Up2KernelTable& kernels() {
 }
 
 // ----------------------------------------------------------------------------- helpers
-int dtype_index(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kUp2F32;
-    case at::kDouble: return kUp2F64;
-    case at::kHalf: return kUp2F16;
-    case at::kBFloat16: return kUp2BF16;
-    default: return -1;
-  }
-}
-
-at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-Up2View view_of(const Tensor& t) {
-  Up2View v;
-  v.data = const_cast<void*>(t.const_data_ptr());
-  for (int d = 0; d < 4; ++d) v.s[d] = t.stride(d);
-  return v;
-}
-
 // Fine elements per work unit that we aim for (one unit = a run of coarse rows); units are
 // fixed by the shape, so sums do not depend on the thread count.
 constexpr int64_t kUnitFineElems = int64_t(1) << 15;

@@ -1,5 +1,9 @@
-// Allocation of the activation-sized outputs of the CPU kernels (out, grad_coarse, grad_fine,
-// grad_z): at::empty / at::empty_like, then, for large ones, a transparent-huge-page hint.
+// Torch-side helpers shared by the CPU operators (up2_fuse.cpp, lateral.cpp, bn_silu.cpp): the
+// kernel-table dtype index, the accumulation dtype, the plain strided view the kernels take, and
+// the allocation of activation-sized outputs.
+//
+// Outputs (out, grad_coarse, grad_fine, grad_z, ...): at::empty / at::empty_like, then, for large
+// ones, a transparent-huge-page hint.
 //
 // Why: a fresh multi-MB tensor from the CPU allocator is untouched mmap'd memory, and the first
 // write of each 4 KiB page is a page fault. For a 32 MiB output that is ~8k faults, which
@@ -23,8 +27,33 @@
 #include <sys/mman.h>
 #endif
 
+#include "up2_fuse_kernels.h"
+
 namespace litefpn {
 namespace cpu {
+
+// Index into the kernel tables (Up2DType), -1 for an unsupported dtype.
+inline int dtype_index(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kUp2F32;
+    case at::kDouble: return kUp2F64;
+    case at::kHalf: return kUp2F16;
+    case at::kBFloat16: return kUp2BF16;
+    default: return -1;
+  }
+}
+
+// float64 accumulates in float64, everything else in float32.
+inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline Up2View view_of(const at::Tensor& t) {
+  Up2View v;
+  v.data = const_cast<void*>(t.const_data_ptr());
+  for (int d = 0; d < 4; ++d) v.s[d] = t.stride(d);
+  return v;
+}
 
 inline bool huge_page_hint_enabled() {
   static const bool enabled = [] {

@@ -1,0 +1,62 @@
+// bn_silu CPU kernels (bn_silu_impl.h, on the helpers of up2_fuse_impl.h) compiled for
+// AVX2 + FMA + F16C, whatever the build's baseline; bn_silu.cpp runs them only on CPUs that
+// report these features (cpu_use_avx2). Same arrangement as up2_fuse_kernels_avx2.cpp: every
+// header is #included BEFORE the target pragma, the kernels are static or in bn_isa_avx2.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "bn_silu_kernels.h"
+#include "litefpn_math.h"
+#include "up2_fuse_kernels.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+namespace litefpn {
+namespace cpu {
+namespace bn_isa_avx2 {
+#define LITEFPN_UP2_F16C 1
+#define LITEFPN_UP2_ISA_NAME "avx2"
+#define LITEFPN_UP2_HELPERS_ONLY 1
+#include "up2_fuse_impl.h"
+#include "bn_silu_impl.h"
+#undef LITEFPN_UP2_HELPERS_ONLY
+#undef LITEFPN_UP2_ISA_NAME
+#undef LITEFPN_UP2_F16C
+}  // namespace bn_isa_avx2
+}  // namespace cpu
+}  // namespace litefpn
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace litefpn {
+namespace cpu {
+const BnSiluKernelTable* bn_silu_kernel_table_avx2() { return &bn_isa_avx2::kBnTable; }
+}  // namespace cpu
+}  // namespace litefpn
+
+#else  // not x86 with GCC/Clang: no AVX2 variant
+
+namespace litefpn {
+namespace cpu {
+const BnSiluKernelTable* bn_silu_kernel_table_avx2() { return nullptr; }
+}  // namespace cpu
+}  // namespace litefpn
+
+#endif
