@@ -7,9 +7,11 @@ level map, and reports each op's achieved bandwidth as a % of that copy's. Write
 benchmarks/results/<machine>.json (one record per measurement, DESIGN.md section 5), a markdown
 table (.md) and a plot (.png) beside it.
 
-GPU: CUDA events via triton.testing.do_bench (warm-up, median). CPU: wall clock, median of
-interleaved rounds (every implementation of a step once per round) after a warm-up, at
---threads threads (default 2, the CI machine's size).
+GPU: CUDA events via triton.testing.do_bench (warm-up, median); speed-ups are ratios of medians.
+CPU: wall clock in interleaved rounds (every implementation of a step once per round) after a
+warm-up, at --threads threads (default 2, the CI machine's size); median_ms is the median over
+rounds, and a speed-up is the median of the per-round ratios, which a shared machine's slow
+drifts do not bias.
 """
 import argparse
 import json
@@ -48,17 +50,17 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device, min_reps=3, budget_s=1.0, max_reps=50):
+def time_ms(fn, device):
     """Median milliseconds of fn() after one warm-up call."""
-    return time_side_by_side({"fn": fn}, device, min_reps, budget_s, max_reps)["fn"]
+    return time_side_by_side({"fn": fn}, device)[0]["fn"]
 
 
-def time_side_by_side(fns, device, min_rounds=5, budget_s=2.0, max_rounds=50):
-    """{name: median ms} of each callable of `fns`, after one warm-up call each.
+def time_side_by_side(fns, device, min_rounds=7, budget_s=2.0, max_rounds=50):
+    """({name: median ms}, rounds) of the callables of `fns`, after one warm-up call each.
 
-    GPU: triton.testing.do_bench (CUDA events) per callable. CPU: wall clock in interleaved
-    rounds (a, b, c, a, b, c, ...), so that the slow drifts of a shared machine hit every
-    implementation alike and the ratios between them stay meaningful.
+    GPU: triton.testing.do_bench (CUDA events) per callable; rounds is None. CPU: wall clock in
+    interleaved rounds (a, b, c, a, b, c, ...); rounds is the list of {name: ms} of each round,
+    so ratios can be taken within a round, where the slow drifts of a shared machine cancel.
     """
     for fn in fns.values():
         fn()
@@ -66,17 +68,28 @@ def time_side_by_side(fns, device, min_rounds=5, budget_s=2.0, max_rounds=50):
     if device.type == "cuda":
         import triton.testing
         return {k: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-                for k, fn in fns.items()}
-    times = {k: [] for k in fns}
+                for k, fn in fns.items()}, None
+    rounds = []
     start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < max_rounds):
+    while len(rounds) < min_rounds or (time.perf_counter() - start < budget_s
+                                       and len(rounds) < max_rounds):
+        times = {}
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[k] = (time.perf_counter() - t0) * 1e3
+        rounds.append(times)
+    return {k: statistics.median(r[k] for r in rounds) for k in fns}, rounds
+
+
+def speedup(ref, impl, medians, rounds):
+    """How many times faster `impl` is than `ref`: the median of the per-round ratios on CPU,
+    the ratio of the medians on GPU; None if `ref` was not timed."""
+    if ref not in medians:
+        return None
+    if rounds:
+        return statistics.median(r[ref] / r[impl] for r in rounds)
+    return medians[ref] / medians[impl]
 
 
 def peak_mem_mb(fn, device):
@@ -175,7 +188,7 @@ def main(argv=None):
                                                channels_last) for impl in impls}
                     for pass_name in passes:
                         fns = {impl: case.run[pass_name] for impl, case in built.items()}
-                        medians = time_side_by_side(fns, device)
+                        medians, rounds = time_side_by_side(fns, device)
                         for impl, case in built.items():
                             ms = medians[impl]
                             mem = peak_mem_mb(fns[impl], device)
@@ -185,13 +198,16 @@ def main(argv=None):
                                        dtype=dtype_name, layout=layout, batch=args.batch,
                                        median_ms=ms, gbps=gbps,
                                        pct_copy_bw=100.0 * gbps / copy_gbps if gbps else None,
-                                       peak_mem_mb=mem, **meta)
+                                       peak_mem_mb=mem,
+                                       speedup_vs_eager=speedup("eager", impl, medians, rounds),
+                                       speedup_vs_compile=speedup("compile", impl, medians,
+                                                                  rounds),
+                                       **meta)
                             group.append(rec)
                             bw = f"{gbps:8.1f} GB/s ({rec['pct_copy_bw']:5.1f}% copy)" if gbps else ""
                             print(f"[{dtype_name} {layout}] {case.op:24s} {pass_name:8s} "
                                   f"{impl:8s} {ms:10.3f} ms {bw} peak {mem:8.1f} MB", flush=True)
                     del built
-                    _add_speedups(group)
                     records.extend(group)
 
     with open(out_base + ".json", "w") as f:
@@ -201,16 +217,6 @@ def main(argv=None):
     plot(records, out_base + ".png", machine)
     print(f"\nwrote {out_base}.json, .md, .png\n")
     print(markdown(records, meta, args))
-
-
-def _add_speedups(group):
-    by_pass = {}
-    for r in group:
-        by_pass.setdefault(r["pass"], {})[r["backend"]] = r["median_ms"]
-    for r in group:
-        ref = by_pass[r["pass"]]
-        r["speedup_vs_eager"] = ref["eager"] / r["median_ms"] if "eager" in ref else None
-        r["speedup_vs_compile"] = ref["compile"] / r["median_ms"] if "compile" in ref else None
 
 
 def _f(v, fmt):

@@ -13,6 +13,7 @@ Layering, one concern each:
   * `_fusion_param_grads` - the only place that turns the kernels' per-(n, c) sums into the
     gradients of the fusion weights and gates (softplus chain rule), for every backend.
 """
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
@@ -320,14 +321,9 @@ def _lateral_kernels(backend):
         return lateral
     if backend in ("cpu", "cuda"):
         ops = torch.ops.litefpn
-        return _KernelSet(ops._lateral_gram, ops._lateral_up2_fuse_fwd, ops._lateral_grad_z,
-                          ops._up2_fuse_bwd_coarse)
+        return SimpleNamespace(gram=ops._lateral_gram, fwd=ops._lateral_up2_fuse_fwd,
+                               grad_z=ops._lateral_grad_z, bwd_coarse=ops._up2_fuse_bwd_coarse)
     raise ValueError(f"no fused lateral_up2_fuse kernels for backend {backend!r}")
-
-
-class _KernelSet:
-    def __init__(self, gram, fwd, grad_z, bwd_coarse):
-        self.gram, self.fwd, self.grad_z, self.bwd_coarse = gram, fwd, grad_z, bwd_coarse
 
 
 def _out_like_z(coarse, z):
@@ -586,14 +582,9 @@ def _bn_silu_kernels(backend):
     """Namespace of the four bn_silu kernels (stats, fwd, bwd_sums, bwd) of a backend."""
     if backend == "cpu":
         ops = torch.ops.litefpn
-        return _BnSiluKernels(ops._bn_silu_stats, ops._bn_silu_fwd, ops._bn_silu_bwd_sums,
-                              ops._bn_silu_bwd)
+        return SimpleNamespace(stats=ops._bn_silu_stats, fwd=ops._bn_silu_fwd,
+                               bwd_sums=ops._bn_silu_bwd_sums, bwd=ops._bn_silu_bwd)
     raise ValueError(f"no fused bn_silu kernels for backend {backend!r}")
-
-
-class _BnSiluKernels:
-    def __init__(self, stats, fwd, bwd_sums, bwd):
-        self.stats, self.fwd, self.bwd_sums, self.bwd = stats, fwd, bwd_sums, bwd
 
 
 def _bn_silu_affine(bn_weight, bn_bias, mean, var, bn_eps, acc):

@@ -53,3 +53,18 @@ def randomise(module, seed=0):
                 t.copy_(0.5 + torch.rand(t.shape, generator=g, dtype=torch.float64))
             else:
                 t.copy_(0.3 * torch.randn(t.shape, generator=g, dtype=torch.float64))
+
+
+def assert_same_for_thread_counts(run, counts=(1, 2, 1)):
+    """run() -> list of tensors, bitwise the same at every torch.set_num_threads in `counts`."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for nt in counts:
+            torch.set_num_threads(nt)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)

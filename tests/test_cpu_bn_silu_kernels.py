@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import need
+from helpers import assert_same_for_thread_counts, need
 
 ops = torch.ops.litefpn
 F64 = torch.float64
@@ -222,17 +222,7 @@ def run_all(kind, g_kind):
                                          ("channels_last", "channels_last"),
                                          ("channels_last", "contiguous")])
 def test_bitwise_deterministic_across_thread_counts(kind, g_kind):
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for nt in (1, 2, 1):
-            torch.set_num_threads(nt)
-            results.append(run_all(kind, g_kind))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for x, y in zip(results[0], other):
-            assert torch.equal(x, y)
+    assert_same_for_thread_counts(lambda: run_all(kind, g_kind))
 
 
 # ----------------------------------------------------------------------------- edge cases
