@@ -4,8 +4,9 @@
     python3 -m benchmarks.gpu_smoke cpu      # the same checks of the `cpu` backend (dry run)
 
 Runs up2_fuse and lateral_up2_fuse forward + backward on the `cuda` and `triton` backends (each
-that is available; `cpu` with the argument cpu), fp32 and bf16, contiguous and channels_last, odd sizes, with weights and
-gates, and compares each against the eager composition in float64. Exits non-zero on a mismatch.
+that is available; `cpu` with the argument cpu), fp32 and bf16, contiguous and channels_last,
+odd sizes, with weights and gates, and compares each against the eager composition in float64.
+Exits non-zero on a mismatch.
 """
 import sys
 
@@ -63,7 +64,8 @@ def main(argv):
         for dtype in (torch.float32, torch.bfloat16):
             for channels_last in (False, True):
                 for shape, c_in in (((2, 8, 5, 7), 3), ((1, 128, 16, 32), 32)):
-                    tag = f"{backend} {str(dtype)[6:]} {'nhwc' if channels_last else 'nchw'} {shape}"
+                    fmt = "nhwc" if channels_last else "nchw"
+                    tag = f"{backend} {str(dtype)[6:]} {fmt} {shape}"
                     coarse, fine, z, s, stats = inputs(shape, c_in, dtype, channels_last, gen, dev)
                     g = torch.randn_like(fine)
                     d = lambda t: t.detach().double().requires_grad_()  # noqa: E731

@@ -2,9 +2,10 @@
 
 `up2_fuse(coarse, fine, ...)` computes ``alpha*gate_coarse*Up2(coarse) + beta*gate_fine*fine``
 in one pass; `lateral_up2_fuse` adds the 1x1 lateral conv + BatchNorm in front of `fine`;
-`bn_silu` is the smooths' BatchNorm + SiLU without a stored BatchNorm output. Each backend is a kernel behind the same custom op (`cpu` and `cuda` in
-`csrc/`, `triton` in `litefpn_kernels/triton/`); `eager` is the plain PyTorch composition in
-`functional.py`, the reference every backend is tested against.
+`bn_silu` is the smooths' BatchNorm + SiLU without a stored BatchNorm output. Each backend is a
+kernel behind the same custom op (`cpu` and `cuda` in `csrc/`, `triton` in
+`litefpn_kernels/triton/`); `eager` is the plain PyTorch composition (`functional.py`, or
+`F.batch_norm` + `F.silu` for bn_silu), the reference every backend is tested against.
 
 Layering, one concern each:
   * `_check_up2_fuse` - argument validation with errors that name the argument;
