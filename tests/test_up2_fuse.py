@@ -1,4 +1,8 @@
 """litefpn::up2_fuse on every backend against the eager composition (functional.py)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -335,3 +339,14 @@ def test_direct_op_call_validates_too():
     coarse, fine, _ = make_inputs((2, 3, 4, 5), torch.float32, CPU)
     with pytest.raises(ValueError, match="exactly 2x coarse"):
         torch.ops.litefpn.up2_fuse(coarse, fine[..., :9], None, None, None, None, 1e-4, "eager")
+
+
+def test_cpu_baseline_isa_build():
+    """The cpu tests of this file pass on the kernels compiled for the build's baseline
+    instruction set too (LITEFPN_CPU_ISA=default; the AVX2 build is what runs otherwise)."""
+    need("cpu", CPU)
+    env = dict(os.environ, LITEFPN_CPU_ISA="default")
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
+                           "-p", "no:cacheprovider", "-k", "cpu and not triton and not baseline"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
