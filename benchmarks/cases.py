@@ -71,6 +71,18 @@ def _passes(forward, inputs, grad_like):
     return {"fwd": fwd, "fwd_bwd": fwd_bwd, "eval": evaluate}
 
 
+def _in_eval(eval_fwd, state):
+    """The eval pass of a BatchNorm op: eval_fwd with state["training"] False (BN with running
+    statistics), back to True afterwards."""
+    def evaluate():
+        state["training"] = False
+        try:
+            eval_fwd()
+        finally:
+            state["training"] = True
+    return evaluate
+
+
 def _compiled(fn, device):
     return torch.compile(fn, mode=compile_mode(device), dynamic=False)
 
@@ -123,15 +135,7 @@ def lateral_up2_fuse_case(impl, level, batch, dtype, device, channels_last):
     run = _passes(lambda: fn(*inputs, state["training"]), inputs, coarse.new_empty(
         (batch, CHANNELS, 2 * h, 2 * w)))
     train_fwd, train_step = run["fwd"], run["fwd_bwd"]
-    eval_fwd = run["eval"]
-
-    def evaluate():  # BN with running statistics
-        state["training"] = False
-        try:
-            eval_fwd()
-        finally:
-            state["training"] = True
-
+    evaluate = _in_eval(run["eval"], state)
     size = coarse.element_size()
     out_numel = batch * CHANNELS * 4 * h * w
     fwd_bytes = (coarse.numel() + z.numel() + out_numel) * size
@@ -160,18 +164,9 @@ def bn_silu_case(impl, level, batch, dtype, device, channels_last):
         fn = _compiled(fn, device)
     inputs = [x, bn_w, bn_b]
     run = _passes(lambda: fn(*inputs, state["training"]), inputs, x)
-    eval_fwd = run["eval"]
-
-    def evaluate():
-        state["training"] = False
-        try:
-            eval_fwd()
-        finally:
-            state["training"] = True
-
     nbytes = x.numel() * x.element_size()
     return Case(f"bn_silu@{level}", impl, {"fwd": run["fwd"], "fwd_bwd": run["fwd_bwd"],
-                                          "eval": evaluate},
+                                          "eval": _in_eval(run["eval"], state)},
                 {"fwd": 2 * nbytes, "eval": 2 * nbytes, "fwd_bwd": 5 * nbytes})
 
 

@@ -2,8 +2,9 @@
 
 Times each glue step of the neck (Up2 + fuse at each level; 1x1 lateral + BN + Up2 + fuse; a
 smooth's BN + SiLU) and the whole neck, forward / forward+backward / eval, for eager PyTorch,
-torch.compile and every fused backend that runs here, side by side in one run. Also times a plain device copy of a 1/4
-level map, and reports each op's achieved bandwidth as a % of that copy's. Writes
+torch.compile and every fused backend that runs here, side by side in one run. Also times a
+plain device copy of a 1/4 level map, and reports each op's achieved bandwidth as a % of that
+copy's. Writes
 benchmarks/results/<machine>.json (one record per measurement, DESIGN.md section 5), a markdown
 table (.md) and a plot (.png) beside it.
 

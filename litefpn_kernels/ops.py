@@ -357,16 +357,13 @@ def _y_moments(weight, mean_z, cov_z):
     return weight @ mean_z, ((weight @ cov_z) * weight).sum(1).clamp_min(0)
 
 
-def _update_running_stats(running_mean, running_var, conv_weight, mean_z, cov_z, count,
-                          momentum):
-    """F.batch_norm's update: running = (1 - momentum)*running + momentum*batch, with the
-    unbiased variance."""
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """F.batch_norm's update from a batch's mean and biased variance over `count` values:
+    running = (1 - momentum)*running + momentum*batch, with the unbiased variance."""
     with torch.no_grad():
-        weight = conv_weight.reshape(conv_weight.shape[0], -1).to(mean_z.dtype)
-        mean_y, var_y = _y_moments(weight, mean_z, cov_z)
-        running_mean.mul_(1 - momentum).add_((momentum * mean_y).to(running_mean.dtype))
+        running_mean.mul_(1 - momentum).add_((momentum * mean).to(running_mean.dtype))
         running_var.mul_(1 - momentum).add_(
-            (momentum * count / (count - 1) * var_y).to(running_var.dtype))
+            (momentum * count / (count - 1) * var).to(running_var.dtype))
 
 
 @torch.library.custom_op("litefpn::lateral_up2_fuse", mutates_args=())
@@ -552,7 +549,8 @@ def lateral_up2_fuse(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: 
         coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var, training,
         float(momentum), float(bn_eps), w_coarse, w_fine, gate_coarse, gate_fine, float(eps), name)
     if training and running_mean is not None and z.numel() > 0:
-        _update_running_stats(running_mean, running_var, conv_weight, mean_z, cov_z,
+        weight = conv_weight.detach().reshape(conv_weight.shape[0], -1).to(mean_z.dtype)
+        _update_running_stats(running_mean, running_var, *_y_moments(weight, mean_z, cov_z),
                               z.shape[0] * z.shape[2] * z.shape[3], momentum)
     return out
 
@@ -713,9 +711,6 @@ def bn_silu(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optiona
     y, mean, var = torch.ops.litefpn.bn_silu(x, bn_weight, bn_bias, running_mean, running_var,
                                              training, float(bn_eps), name)
     if training and running_mean is not None and x.numel() > 0:
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_((momentum * mean).to(running_mean.dtype))
-            running_var.mul_(1 - momentum).add_(
-                (momentum * count / (count - 1) * var).to(running_var.dtype))
+        _update_running_stats(running_mean, running_var, mean, var,
+                              x.shape[0] * x.shape[2] * x.shape[3], momentum)
     return y
