@@ -5,6 +5,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/cpu_isa.h"
+
 // `import litefpn_kernels._C` loads this library, which runs the registrations below.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -68,4 +72,11 @@ TORCH_LIBRARY_FRAGMENT(litefpn, m) {
   // grad_x = dz*k_dz[c] + x*k_x[c] + k_0[c], dz as above; grad_x like _bn_silu_fwd's y.
   m.def("_bn_silu_bwd(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor k_dz, "
         "Tensor k_x, Tensor k_0) -> Tensor");
+}
+
+TORCH_LIBRARY_FRAGMENT(litefpn, m) {
+  // The instruction set the CPU kernels are picked for (csrc/cpu/cpu_isa.h): "default", "avx2"
+  // or "avx512"; a kernel family without that variant runs its next narrower one.
+  m.def("_cpu_isa() -> str",
+        [] { return std::string(litefpn::cpu::cpu_isa_name(litefpn::cpu::cpu_isa())); });
 }

@@ -1,4 +1,8 @@
 """Helpers shared by the operator tests: backends to run, tolerances, layouts."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -68,3 +72,20 @@ def assert_same_for_thread_counts(run, counts=(1, 2, 1)):
     for other in results[1:]:
         for x, y in zip(results[0], other):
             assert torch.equal(x, y)
+
+
+#: the compiled CPU kernel variants, narrowest first (csrc/cpu/cpu_isa.h)
+CPU_ISAS = ("default", "avx2", "avx512")
+
+
+def run_with_cpu_isa(isa, argv, timeout):
+    """Runs `python *argv` with the CPU kernels capped at `isa` (LITEFPN_CPU_ISA) and returns the
+    CompletedProcess. Skips when that is no narrower than what this process runs (the in-process
+    tests cover it then), i.e. the CPU lacks anything wider, or the extension is not built."""
+    need("cpu", CPU)
+    current = torch.ops.litefpn._cpu_isa()
+    if CPU_ISAS.index(isa) >= CPU_ISAS.index(current):
+        pytest.skip(f"this process already runs the {current!r} kernels")
+    env = dict(os.environ, LITEFPN_CPU_ISA=isa)
+    return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -2,17 +2,15 @@
 _bn_silu_bwd_sums, _bn_silu_bwd) against float64 formulas of their contracts (csrc/ops.cpp):
 dtypes, layouts (contiguous, channels_last, strided views, expanded grad_out), odd sizes, units
 spanning several chunks, NaN/Inf behaviour and exp accuracy of the forward, determinism across
-thread counts, empty tensors, argument errors and the baseline (non-AVX2) build.
+thread counts, empty tensors, argument errors and the narrower-ISA builds (baseline, AVX2).
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_same_for_thread_counts, need
+from helpers import CPU_ISAS, assert_same_for_thread_counts, need, run_with_cpu_isa
 
 ops = torch.ops.litefpn
 F64 = torch.float64
@@ -290,6 +288,7 @@ sys.path.insert(0, {tests!r})
 import test_cpu_bn_silu_kernels as t
 from litefpn_kernels import backends
 assert backends.extension() is not None
+assert torch.ops.litefpn._cpu_isa() == {isa!r}
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     for kind in ("contiguous", "channels_last", "strided"):
         t.test_ops_match_contracts(dtype, kind)
@@ -300,10 +299,10 @@ print("ok")
 """
 
 
-def test_baseline_isa_build():
-    """The kernels compiled for the build's baseline ISA (LITEFPN_CPU_ISA=default)."""
-    env = dict(os.environ, LITEFPN_CPU_ISA="default")
+@pytest.mark.parametrize("isa", CPU_ISAS[:-1])
+def test_narrower_isa_builds(isa):
+    """The kernels compiled for the narrower instruction sets (LITEFPN_CPU_ISA=default: the
+    build's baseline; avx2) pass the same checks."""
     tests = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT.format(tests=tests)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_with_cpu_isa(isa, ["-c", _BASELINE_SCRIPT.format(tests=tests, isa=isa)], 300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from helpers import BACKEND_DEVICES, CPU, TOL, layout, need
+from helpers import BACKEND_DEVICES, CPU, CPU_ISAS, TOL, layout, need, run_with_cpu_isa
 from litefpn_kernels import backends, ops
 from litefpn_kernels.functional import up2_fuse_reference
 
@@ -341,12 +341,35 @@ def test_direct_op_call_validates_too():
         torch.ops.litefpn.up2_fuse(coarse, fine[..., :9], None, None, None, None, 1e-4, "eager")
 
 
-def test_cpu_baseline_isa_build():
-    """The cpu tests of this file pass on the kernels compiled for the build's baseline
-    instruction set too (LITEFPN_CPU_ISA=default; the AVX2 build is what runs otherwise)."""
-    need("cpu", CPU)
-    env = dict(os.environ, LITEFPN_CPU_ISA="default")
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
-                           "-p", "no:cacheprovider", "-k", "cpu and not triton and not baseline"],
-                          env=env, capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("isa", CPU_ISAS[:-1])
+def test_cpu_narrower_isa_builds(isa):
+    """The cpu tests of this file pass on the kernels compiled for the narrower instruction sets
+    too (LITEFPN_CPU_ISA=default: the build's baseline; avx2), not only on the widest one this
+    CPU has, which is what runs otherwise."""
+    proc = run_with_cpu_isa(isa, ["-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+                                  "-k", "cpu and not triton and not narrower"], 600)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_cpu_isa_env_caps_the_choice_and_rejects_unknown_values():
+    """LITEFPN_CPU_ISA caps the kernel variant (csrc/cpu/cpu_isa.h); a value that names no
+    variant is an error naming the variable, not a silent fallback."""
+    need("cpu", CPU)
+    if os.environ.get("LITEFPN_CPU_ISA"):
+        pytest.skip("this process runs under a LITEFPN_CPU_ISA cap already")
+    script = ("import torch, litefpn_kernels; from litefpn_kernels import ops; "
+              "print(torch.ops.litefpn._cpu_isa()); "
+              "ops.up2_fuse(torch.ones(1, 2, 2, 2), torch.ones(1, 2, 4, 4), backend='cpu')")
+
+    def run(cap):
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env=dict(os.environ, LITEFPN_CPU_ISA=cap), timeout=120)
+
+    widest = torch.ops.litefpn._cpu_isa()
+    for cap in CPU_ISAS:
+        proc = run(cap)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        want = min(cap, widest, key=CPU_ISAS.index)
+        assert proc.stdout.strip() == want, (cap, proc.stdout)
+    proc = run("sse9")
+    assert proc.returncode != 0 and "LITEFPN_CPU_ISA" in proc.stderr and "sse9" in proc.stderr

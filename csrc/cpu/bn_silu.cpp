@@ -7,7 +7,7 @@
 // choice of layout path and instruction set, the at::parallel_for over work units and the
 // fixed-order combination of the per-unit partial sums. The arithmetic is in bn_silu_impl.h,
 // compiled per instruction set (bn_silu_kernels_default.cpp, bn_silu_kernels_avx2.cpp) and picked
-// like up2_fuse's (cpu_use_avx2; LITEFPN_CPU_ISA=default forces the baseline build).
+// with pick_isa_table (cpu_isa.h; LITEFPN_CPU_ISA caps the choice).
 //
 // Paths (see bn_silu_impl.h): the ops with an output follow the output's layout, the sums-only
 // ops follow x's: "nhwc" when that tensor has unit channel stride (and C > 1), else "plane".
@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "bn_silu_kernels.h"
+#include "cpu_isa.h"
 #include "torch_glue.h"
 #include "up2_fuse_kernels.h"
 
@@ -40,11 +41,9 @@ namespace {
 using at::Tensor;
 
 const BnSiluKernelTable& bn_kernels() {
-  static const BnSiluKernelTable* table = [] {
-    const BnSiluKernelTable* avx2 = bn_silu_kernel_table_avx2();
-    if (avx2 != nullptr && cpu_use_avx2()) return avx2;
-    return bn_silu_kernel_table_default();
-  }();
+  static const BnSiluKernelTable* table =
+      pick_isa_table(bn_silu_kernel_table_default(), bn_silu_kernel_table_avx2(),
+                     bn_silu_kernel_table_avx512());
   return *table;
 }
 

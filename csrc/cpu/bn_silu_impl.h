@@ -12,8 +12,9 @@
 //              grad_x = dz*k_dz[c] + x*k_x[c] + k_0[c]
 //   stats:     s1[c] += x - center[c],  s2[c] += (x - center[c])^2
 //   bwd_sums:  s1[c] += dz,             s2[c] += dz*(x - center[c])
-// exp: float uses bn_exp8 below in the AVX2 build (vectorised; std::exp in a loop is scalar
-// without -ffast-math), std::exp otherwise; double always std::exp.
+// exp: float uses bn_exp8 below in the AVX2 build and bn_exp16 (the same steps on 16 lanes) in
+// the AVX-512 one (vectorised; std::exp in a loop is scalar without -ffast-math), std::exp
+// otherwise; double always std::exp.
 //
 // Each block of at most kBnBlock elements is staged in acc_t buffers (or read / written in place
 // when the storage is acc_t with unit stride): first the affine a = x*scale + shift per layout,
@@ -28,6 +29,10 @@
 //    channels; a block's per-channel sums accumulated pixel by pixel.
 // Block sums are added into the unit's double sums, block by block (all in a fixed order).
 // Units never share a reduction: the caller combines the per-unit partials in a fixed order.
+
+#ifndef LITEFPN_BN_AVX512  // set by bn_silu_kernels_avx512.cpp
+#define LITEFPN_BN_AVX512 0
+#endif
 
 // ----------------------------------------------------------------------------- exp (AVX2)
 #if LITEFPN_UP2_F16C
@@ -84,6 +89,55 @@ static inline __m256i bn_tail_mask(int64_t r) {
 }
 #endif
 
+#if LITEFPN_BN_AVX512
+// bn_exp8, bn_silu8 and bn_dz8 on 16 floats: the same operations in the same order, so the
+// AVX-512 build gives the AVX2 build's bits.
+static inline __m512 bn_exp16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.8f),
+                                  _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  const __m512i ni = _mm512_cvtps_epi32(n);
+  const __m512i n1 = _mm512_srai_epi32(ni, 1);
+  const __m512i n2 = _mm512_sub_epi32(ni, n1);
+  const __m512i bias = _mm512_set1_epi32(127);
+  const __m512 f1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
+  const __m512 f2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
+  return _mm512_mul_ps(_mm512_mul_ps(p, f1), f2);
+}
+
+static inline __m512 bn_neg16(__m512 v) {
+  return _mm512_castsi512_ps(
+      _mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+}
+
+static inline __m512 bn_silu16(__m512 a) {
+  return _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), bn_exp16(bn_neg16(a))));
+}
+
+static inline __m512 bn_dz16(__m512 a, __m512 g) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 sg = _mm512_div_ps(one, _mm512_add_ps(one, bn_exp16(bn_neg16(a))));
+  const __m512 t = _mm512_add_ps(one, _mm512_mul_ps(a, _mm512_sub_ps(one, sg)));
+  return _mm512_mul_ps(_mm512_mul_ps(g, sg), t);
+}
+
+// Lanes [0, r) of a vector, r in [1, 15].
+static inline __mmask16 bn_tail_mask16(int64_t r) {
+  return static_cast<__mmask16>((1u << r) - 1u);
+}
+#endif
+
 // ----------------------------------------------------------------------------- flat passes
 // a[i] = a[i] / (1 + exp(-a[i]))
 template <typename T>
@@ -101,7 +155,29 @@ static inline void dz_flat(T* __restrict a, const T* __restrict g, int64_t n) {
   }
 }
 
-#if LITEFPN_UP2_F16C
+#if LITEFPN_BN_AVX512
+// The float overloads (preferred to the templates): 16 at a time, the tail masked (so every
+// element goes through the same vector code, wherever it lies in a block).
+static inline void silu_flat(float* __restrict a, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(a + i, bn_silu16(_mm512_loadu_ps(a + i)));
+  if (i < n) {
+    const __mmask16 m = bn_tail_mask16(n - i);
+    _mm512_mask_storeu_ps(a + i, m, bn_silu16(_mm512_maskz_loadu_ps(m, a + i)));
+  }
+}
+
+static inline void dz_flat(float* __restrict a, const float* __restrict g, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(a + i, bn_dz16(_mm512_loadu_ps(a + i), _mm512_loadu_ps(g + i)));
+  if (i < n) {
+    const __mmask16 m = bn_tail_mask16(n - i);
+    _mm512_mask_storeu_ps(a + i, m,
+                          bn_dz16(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, g + i)));
+  }
+}
+#elif LITEFPN_UP2_F16C
 // The float overloads (preferred to the templates): 8 at a time, the tail masked (so every
 // element goes through the same vector code, wherever it lies in a block).
 static inline void silu_flat(float* __restrict a, int64_t n) {
@@ -195,7 +271,47 @@ static inline void dz_sums_lanes(T* __restrict l1, T* __restrict l2, const T* __
   }
 }
 
-#if LITEFPN_UP2_F16C
+#if LITEFPN_BN_AVX512
+// The float overloads of the two lane-wise sums: the same 16 lanes in one vector, so the same
+// additions in the same order as the templates and the AVX2 overloads below.
+static inline void stats_lanes(float* __restrict l1, float* __restrict l2,
+                               const float* __restrict x, float ce, int64_t n) {
+  __m512 a = _mm512_loadu_ps(l1), b = _mm512_loadu_ps(l2);
+  const __m512 cv = _mm512_set1_ps(ce);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), cv);
+    a = _mm512_add_ps(a, d);
+    b = _mm512_fmadd_ps(d, d, b);
+  }
+  _mm512_storeu_ps(l1, a);
+  _mm512_storeu_ps(l2, b);
+  for (int k = 0; i + k < n; ++k) {
+    const float d = x[i + k] - ce;
+    l1[k] += d;
+    l2[k] = std::fma(d, d, l2[k]);
+  }
+}
+
+static inline void dz_sums_lanes(float* __restrict l1, float* __restrict l2,
+                                 const float* __restrict dz, const float* __restrict x, float ce,
+                                 int64_t n) {
+  __m512 a = _mm512_loadu_ps(l1), b = _mm512_loadu_ps(l2);
+  const __m512 cv = _mm512_set1_ps(ce);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = _mm512_loadu_ps(dz + i);
+    a = _mm512_add_ps(a, g);
+    b = _mm512_fmadd_ps(g, _mm512_sub_ps(_mm512_loadu_ps(x + i), cv), b);
+  }
+  _mm512_storeu_ps(l1, a);
+  _mm512_storeu_ps(l2, b);
+  for (int k = 0; i + k < n; ++k) {
+    l1[k] += dz[i + k];
+    l2[k] = std::fma(dz[i + k], x[i + k] - ce, l2[k]);
+  }
+}
+#elif LITEFPN_UP2_F16C
 // The float overloads of the two lane-wise sums: the same 16 lanes (lanes 0-7 and 8-15 in two
 // vectors), written out because GCC vectorises the templates' outer loop with permutes instead
 // (several times slower; the baseline build keeps the templates).

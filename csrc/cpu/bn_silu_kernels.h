@@ -1,7 +1,8 @@
 // Interface between the torch-facing CPU operators of bn_silu (bn_silu.cpp: _bn_silu_stats,
 // _bn_silu_fwd, _bn_silu_bwd_sums, _bn_silu_bwd) and their compute kernels (bn_silu_impl.h),
 // compiled once per instruction set like up2_fuse's (bn_silu_kernels_default.cpp,
-// bn_silu_kernels_avx2.cpp; picked with cpu_use_avx2()). Plain data only.
+// bn_silu_kernels_avx2.cpp, bn_silu_kernels_avx512.cpp; picked with pick_isa_table of
+// cpu_isa.h). Plain data only.
 //
 // x [N, C, H, W] is walked as N*C planes of H*W positions (plane path) or as N images of H*W
 // pixels of C channels (nhwc path). The work is split into units fixed by the shape, never by
@@ -13,7 +14,7 @@
 
 #include <cstdint>
 
-#include "up2_fuse_kernels.h"  // Up2View, the dtype indices, cpu_use_avx2()
+#include "up2_fuse_kernels.h"  // Up2View, the dtype indices
 
 namespace litefpn {
 namespace cpu {
@@ -65,8 +66,9 @@ struct BnSiluKernelTable {
 };
 
 const BnSiluKernelTable* bn_silu_kernel_table_default();
-// nullptr where the AVX2 variant is not compiled (non-x86 builds).
+// nullptr where the variant is not compiled (non-x86 builds).
 const BnSiluKernelTable* bn_silu_kernel_table_avx2();
+const BnSiluKernelTable* bn_silu_kernel_table_avx512();
 
 inline int64_t bn_round16(int64_t n) { return (n + 15) & ~int64_t(15); }
 

@@ -1,6 +1,6 @@
 // bn_silu CPU kernels (bn_silu_impl.h, on the helpers of up2_fuse_impl.h) compiled for
 // AVX2 + FMA + F16C, whatever the build's baseline; bn_silu.cpp runs them only on CPUs that
-// report these features (cpu_use_avx2). Same arrangement as up2_fuse_kernels_avx2.cpp: every
+// report these features (cpu_isa() >= avx2). Same arrangement as up2_fuse_kernels_avx2.cpp: every
 // header is #included BEFORE the target pragma, the kernels are static or in bn_isa_avx2.
 #include <cmath>
 #include <cstdint>

@@ -6,7 +6,7 @@
 // tables (fusion weights x gates per (n, c), transposed / padded weights), the work split and
 // the fixed-order combination of the gram partials. The arithmetic is in lateral_impl.h,
 // compiled per instruction set (lateral_kernels_default.cpp, lateral_kernels_avx2.cpp) and
-// picked like up2_fuse's (cpu_use_avx2; LITEFPN_CPU_ISA=default forces the baseline build).
+// picked with pick_isa_table (cpu_isa.h; LITEFPN_CPU_ISA caps the choice).
 //
 // Paths (see lateral_impl.h): the forward follows out (z's memory format), grad_z follows grad_z
 // (z's layout): "nhwc" when that output has unit channel stride (and more than one channel),
@@ -28,6 +28,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "lateral_kernels.h"
 #include "litefpn_math.h"
 #include "torch_glue.h"
@@ -40,15 +41,16 @@ namespace {
 using at::Tensor;
 
 const LatKernelTable& lat_kernels() {
-  static const LatKernelTable* table = [] {
-    const LatKernelTable* avx2 = lat_kernel_table_avx2();
-    if (avx2 != nullptr && cpu_use_avx2()) return avx2;
-    return lat_kernel_table_default();
-  }();
+  static const LatKernelTable* table = pick_isa_table(
+      lat_kernel_table_default(), lat_kernel_table_avx2(), lat_kernel_table_avx512());
   return *table;
 }
 
-int64_t lanes_of(at::ScalarType acc) { return lat_lanes(acc == at::kDouble); }
+// Lanes of the picked table's vectors: the padded widths (cbp, cpad, kpad) and the scratch sizes
+// follow them.
+int64_t lanes_of(at::ScalarType acc) {
+  return lat_kernels().vec_bytes / (acc == at::kDouble ? 8 : 4);
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

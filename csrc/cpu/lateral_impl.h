@@ -32,17 +32,18 @@
 // the ABI note GCC gives about passing them without AVX does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
+// LITEFPN_LAT_AVX512 (set by lateral_kernels_avx512.cpp): 64-byte vectors (16 floats, 8
+// doubles) and AVX-512 intrinsics; else 32-byte vectors (AVX2 intrinsics with LITEFPN_UP2_F16C,
+// plain vector arithmetic in the baseline build). The tile shape, the summation order and so
+// the results are the same for every width.
+#ifndef LITEFPN_LAT_AVX512
+#define LITEFPN_LAT_AVX512 0
+#endif
+constexpr int kLatVecBytes = LITEFPN_LAT_AVX512 ? 64 : 32;
 template <typename T>
-struct LatVec;
-template <>
-struct LatVec<float> {
-  typedef float type __attribute__((vector_size(32)));
-  static constexpr int L = 8;
-};
-template <>
-struct LatVec<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int L = 4;
+struct LatVec {
+  typedef T type __attribute__((vector_size(kLatVecBytes)));
+  static constexpr int L = kLatVecBytes / static_cast<int>(sizeof(T));
 };
 
 template <typename T>
@@ -55,43 +56,57 @@ template <typename T>
 static inline __attribute__((always_inline)) void lv_store(T* p, typename LatVec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
-// broadcast (vbroadcastss / vbroadcastsd: element-wise construction compiles to inserts)
+// broadcast (vbroadcastss / vbroadcastsd: element-wise construction compiles to inserts) and
+// a*b + c (one rounding: explicit FMA; ISO C++ mode does not contract a*b + c)
+#if LITEFPN_LAT_AVX512
 static inline __attribute__((always_inline)) LatVec<float>::type lv_set1_(float s) {
-#if LITEFPN_UP2_F16C
-  return _mm256_set1_ps(s);
-#else
-  return LatVec<float>::type{s, s, s, s, s, s, s, s};
-#endif
+  return _mm512_set1_ps(s);
 }
 static inline __attribute__((always_inline)) LatVec<double>::type lv_set1_(double s) {
-#if LITEFPN_UP2_F16C
-  return _mm256_set1_pd(s);
-#else
-  return LatVec<double>::type{s, s, s, s};
-#endif
+  return _mm512_set1_pd(s);
 }
-template <typename T>
-static inline __attribute__((always_inline)) typename LatVec<T>::type lv_set1(T s) {
-  return lv_set1_(s);
-}
-// a*b + c
 static inline __attribute__((always_inline)) LatVec<float>::type lv_fma(LatVec<float>::type a,
                                                                          LatVec<float>::type b,
                                                                          LatVec<float>::type c) {
-#if LITEFPN_UP2_F16C
-  return _mm256_fmadd_ps(a, b, c);
-#else
-  return a * b + c;
-#endif
+  return _mm512_fmadd_ps(a, b, c);
 }
 static inline __attribute__((always_inline)) LatVec<double>::type lv_fma(LatVec<double>::type a,
                                                                           LatVec<double>::type b,
                                                                           LatVec<double>::type c) {
-#if LITEFPN_UP2_F16C
+  return _mm512_fmadd_pd(a, b, c);
+}
+#elif LITEFPN_UP2_F16C
+static inline __attribute__((always_inline)) LatVec<float>::type lv_set1_(float s) {
+  return _mm256_set1_ps(s);
+}
+static inline __attribute__((always_inline)) LatVec<double>::type lv_set1_(double s) {
+  return _mm256_set1_pd(s);
+}
+static inline __attribute__((always_inline)) LatVec<float>::type lv_fma(LatVec<float>::type a,
+                                                                         LatVec<float>::type b,
+                                                                         LatVec<float>::type c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+static inline __attribute__((always_inline)) LatVec<double>::type lv_fma(LatVec<double>::type a,
+                                                                          LatVec<double>::type b,
+                                                                          LatVec<double>::type c) {
   return _mm256_fmadd_pd(a, b, c);
+}
 #else
+static inline __attribute__((always_inline)) LatVec<float>::type lv_set1_(float s) {
+  return LatVec<float>::type{s, s, s, s, s, s, s, s};
+}
+static inline __attribute__((always_inline)) LatVec<double>::type lv_set1_(double s) {
+  return LatVec<double>::type{s, s, s, s};
+}
+template <typename V>
+static inline __attribute__((always_inline)) V lv_fma(V a, V b, V c) {
   return a * b + c;
+}
 #endif
+template <typename T>
+static inline __attribute__((always_inline)) typename LatVec<T>::type lv_set1(T s) {
+  return lv_set1_(s);
 }
 
 template <int V>
@@ -827,6 +842,7 @@ static void lat_grad_z_nhwc(const LatGradZArgs& a, int64_t begin, int64_t end, v
 // ----------------------------------------------------------------------------- table
 static const LatKernelTable kLatTable = {
     LITEFPN_UP2_ISA_NAME,
+    kLatVecBytes,
     {lat_gram<float>, lat_gram<double>, lat_gram<c10::Half>, lat_gram<c10::BFloat16>},
     {lat_fwd_plane<float>, lat_fwd_plane<double>, lat_fwd_plane<c10::Half>,
      lat_fwd_plane<c10::BFloat16>},

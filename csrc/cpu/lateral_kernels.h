@@ -15,14 +15,13 @@
 namespace litefpn {
 namespace cpu {
 
-// Register tile of the micro-kernel: kLatMR broadcast rows x kLatNV vectors of 32 bytes
-// (8 floats or 4 doubles). Padded widths below are multiples of one vector.
+// Register tile of the micro-kernel: kLatMR broadcast rows x kLatNV vectors (32 bytes: 8 floats
+// or 4 doubles; 64 bytes in the AVX-512 build). Padded widths below are multiples of one vector.
 constexpr int kLatMR = 6;
 constexpr int kLatNV = 2;
 // Pixels per panel (one run of a fine row) staged in the scratch buffers; even.
 constexpr int64_t kLatPanel = 128;
 
-inline int64_t lat_lanes(bool dbl) { return dbl ? 4 : 8; }
 inline int64_t lat_round(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // gram[n,i,j] = sum_hw (a-ac)(b-bc), colsum[n,i] = sum_hw (a-ac); a [N,Ca,H,W], b [N,Cb,H,W].
@@ -68,6 +67,7 @@ using LatGradZFn = void (*)(const LatGradZArgs&, int64_t begin, int64_t end, voi
 
 struct LatKernelTable {
   const char* isa;
+  int vec_bytes;  // of the micro-kernel's vectors: lanes = vec_bytes / sizeof(acc_t)
   LatGramFn gram[kUp2NumDTypes];
   LatFwdFn fwd_plane[kUp2NumDTypes];
   LatFwdFn fwd_nhwc[kUp2NumDTypes];
@@ -76,10 +76,11 @@ struct LatKernelTable {
 };
 
 const LatKernelTable* lat_kernel_table_default();
-// nullptr where the AVX2 variant is not compiled (non-x86 builds).
+// nullptr where the variant is not compiled (non-x86 builds).
 const LatKernelTable* lat_kernel_table_avx2();
+const LatKernelTable* lat_kernel_table_avx512();
 
-// Scratch of one task in acc_t elements (lanes = 8 for float, 4 for double). Each kernel carves
+// Scratch of one task in acc_t elements (lanes: of the table's vectors, for acc_t). Each kernel carves
 // it into the buffers listed in lateral_impl.h, every one rounded up to 16 elements.
 inline int64_t lat_seg(int64_t n) { return (n + 15) & ~int64_t(15); }
 

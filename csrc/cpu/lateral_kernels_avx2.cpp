@@ -1,6 +1,6 @@
 // lateral_up2_fuse CPU kernels (lateral_impl.h, on the helpers of up2_fuse_impl.h) compiled for
 // AVX2 + FMA + F16C, whatever the build's baseline; lateral.cpp runs them only on CPUs that
-// report these features (cpu_use_avx2). Same arrangement as up2_fuse_kernels_avx2.cpp: every
+// report these features (cpu_isa() >= avx2). Same arrangement as up2_fuse_kernels_avx2.cpp: every
 // header is #included BEFORE the target pragma, the kernels are static or in lat_isa_avx2.
 #include <cstdint>
 #include <cstring>

@@ -27,13 +27,7 @@
 #include <tuple>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#include <cpuid.h>
-#define LITEFPN_X86 1
-#else
-#define LITEFPN_X86 0
-#endif
-
+#include "cpu_isa.h"
 #include "litefpn_math.h"
 #include "torch_glue.h"
 #include "up2_fuse_kernels.h"
@@ -44,45 +38,10 @@ namespace {
 
 using at::Tensor;
 
-// ----------------------------------------------------------------------------- ISA choice
-bool cpu_has_avx2_fma_f16c() {
-#if LITEFPN_X86
-  unsigned int eax, ebx, ecx, edx;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
-  const bool fma = ecx & (1u << 12), osxsave = ecx & (1u << 27), avx = ecx & (1u << 28),
-             f16c = ecx & (1u << 29);
-  if (!(fma && osxsave && avx && f16c)) return false;
-  // The OS must save the YMM state (XCR0 bits 1 and 2).
-  unsigned int xcr0_lo, xcr0_hi;
-  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-  if ((xcr0_lo & 0x6u) != 0x6u) return false;
-  if (__get_cpuid_max(0, nullptr) < 7) return false;
-  __cpuid_count(7, 0, eax, ebx, ecx, edx);
-  return (ebx & (1u << 5)) != 0;  // AVX2
-#else
-  return false;
-#endif
-}
-
-}  // namespace
-
-bool cpu_use_avx2() {
-  static const bool use = [] {
-    const char* env = std::getenv("LITEFPN_CPU_ISA");
-    const bool force_default = env != nullptr && std::strcmp(env, "default") == 0;
-    return !force_default && cpu_has_avx2_fma_f16c();
-  }();
-  return use;
-}
-
-namespace {
-
 const Up2KernelTable& kernels() {
-  static const Up2KernelTable* table = [] {
-    const Up2KernelTable* avx2 = up2_kernel_table_avx2();
-    if (avx2 != nullptr && cpu_use_avx2()) return avx2;
-    return up2_kernel_table_default();
-  }();
+  static const Up2KernelTable* table =
+      pick_isa_table(up2_kernel_table_default(), up2_kernel_table_avx2(),
+                     static_cast<const Up2KernelTable*>(nullptr));
   return *table;
 }
 

@@ -50,10 +50,6 @@ struct Up2KernelTable {
   Up2Fn bwd_nhwc[kUp2NumDTypes];
 };
 
-// The instruction set the CPU kernels use (up2_fuse and lateral): true for the AVX2+FMA+F16C
-// variants (CPU support checked with cpuid/xgetbv), unless LITEFPN_CPU_ISA=default.
-bool cpu_use_avx2();
-
 const Up2KernelTable* up2_kernel_table_default();
 // nullptr where the AVX2 variant is not compiled (non-x86 builds).
 const Up2KernelTable* up2_kernel_table_avx2();
