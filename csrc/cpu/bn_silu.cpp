@@ -6,7 +6,7 @@
 // This file is the torch-facing half: argument checks, output allocation, the work split, the
 // choice of layout path and instruction set, the at::parallel_for over work units and the
 // fixed-order combination of the per-unit partial sums. The arithmetic is in bn_silu_impl.h,
-// compiled per instruction set (bn_silu_kernels_default.cpp, bn_silu_kernels_avx2.cpp) and picked
+// compiled per instruction set (bn_silu_kernels_{default,avx2,avx512}.cpp) and picked
 // with pick_isa_table (cpu_isa.h; LITEFPN_CPU_ISA caps the choice).
 //
 // Paths (see bn_silu_impl.h): the ops with an output follow the output's layout, the sums-only

@@ -5,7 +5,7 @@
 // This file is the torch-facing half: argument checks, output allocation, the small per-call
 // tables (fusion weights x gates per (n, c), transposed / padded weights), the work split and
 // the fixed-order combination of the gram partials. The arithmetic is in lateral_impl.h,
-// compiled per instruction set (lateral_kernels_default.cpp, lateral_kernels_avx2.cpp) and
+// compiled per instruction set (lateral_kernels_{default,avx2,avx512}.cpp) and
 // picked with pick_isa_table (cpu_isa.h; LITEFPN_CPU_ISA caps the choice).
 //
 // Paths (see lateral_impl.h): the forward follows out (z's memory format), grad_z follows grad_z

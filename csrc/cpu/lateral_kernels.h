@@ -1,6 +1,6 @@
 // Interface between the torch-facing CPU operators of lateral_up2_fuse (lateral.cpp) and their
 // compute kernels (lateral_impl.h), compiled once per instruction set like up2_fuse's
-// (lateral_kernels_default.cpp, lateral_kernels_avx2.cpp). Plain data only.
+// (lateral_kernels_{default,avx2,avx512}.cpp). Plain data only.
 //
 // All three kernels are small-K GEMMs built on one register-blocked micro-kernel (see
 // lateral_impl.h); the work is split into units fixed by the shape (never by the thread count):

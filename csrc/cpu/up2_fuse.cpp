@@ -4,9 +4,8 @@
 // This file is the torch-facing half: argument checks, output allocation, the fusion weights,
 // choice of layout path and of instruction set, and the at::parallel_for over work units. The
 // arithmetic lives in up2_fuse_impl.h, compiled once per instruction set
-// (up2_fuse_kernels_default.cpp, up2_fuse_kernels_avx2.cpp); the AVX2 variant is used when the
-// CPU supports AVX2+FMA+F16C, unless the environment variable LITEFPN_CPU_ISA=default asks for
-// the baseline one (for testing both).
+// (up2_fuse_kernels_default.cpp, up2_fuse_kernels_avx2.cpp) and picked with pick_isa_table
+// (cpu_isa.h): the AVX2 variant wherever cpu_isa() allows AVX2 (there is no AVX-512 one).
 //
 // Paths (see up2_fuse_impl.h): "nhwc" when the fine-side output (out / grad_fine) has unit
 // channel stride and C > 1 (channels_last), else "plane" (NCHW, and every other layout). Inside
@@ -20,8 +19,6 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <tuple>
