@@ -34,8 +34,9 @@
 #endif
 // LITEFPN_LAT_AVX512 (set by lateral_kernels_avx512.cpp): 64-byte vectors (16 floats, 8
 // doubles) and AVX-512 intrinsics; else 32-byte vectors (AVX2 intrinsics with LITEFPN_UP2_F16C,
-// plain vector arithmetic in the baseline build). The tile shape, the summation order and so
-// the results are the same for every width.
+// plain vector arithmetic in the baseline build). The tile shape and every sum's order are the
+// same for every width; the last bits can still differ between builds where the compiler
+// contracts an epilogue's a*b + c into an FMA differently (seen in the plane paths).
 #ifndef LITEFPN_LAT_AVX512
 #define LITEFPN_LAT_AVX512 0
 #endif
@@ -57,7 +58,7 @@ static inline __attribute__((always_inline)) void lv_store(T* p, typename LatVec
   std::memcpy(p, &v, sizeof(v));
 }
 // broadcast (vbroadcastss / vbroadcastsd: element-wise construction compiles to inserts) and
-// a*b + c (one rounding: explicit FMA; ISO C++ mode does not contract a*b + c)
+// a*b + c (an explicit FMA: one rounding, whatever the compiler's contraction does)
 #if LITEFPN_LAT_AVX512
 static inline __attribute__((always_inline)) LatVec<float>::type lv_set1_(float s) {
   return _mm512_set1_ps(s);
