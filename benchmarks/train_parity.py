@@ -7,7 +7,8 @@ each other.
 Task (synthetic, learnable): each sample has K keypoints; the backbone-shaped inputs B1..B4
 carry a bump at every keypoint (plus noise), and a 1x1 head on the neck's Hf must predict
 Gaussian heatmaps of the keypoints at 1/4 resolution. Writes
-benchmarks/results/train_parity_<device>.png (both curves) and prints steps/s of each run.
+benchmarks/results/train_parity_<device>.png (both curves) and prints steps/s of each model,
+the two trained in lockstep (one step of each in turn) so that they are timed side by side.
 """
 import argparse
 import copy
@@ -57,17 +58,23 @@ class Model(nn.Module):
         return self.head(self.neck(feats).hf)
 
 
-def train(model, batches, lr):
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    losses = []
-    start = time.perf_counter()
+def train_side_by_side(models, batches, lr):
+    """Trains every model of `models` ({name: module}) on the same batches, in lockstep (each
+    step runs once per model, in turn), so the shared machine's drifts hit all alike.
+    -> {name: (losses, steps/s)}, steps/s from each model's own step times."""
+    opts = {k: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for k, m in models.items()}
+    losses = {k: [] for k in models}
+    seconds = dict.fromkeys(models, 0.0)
     for feats, target in batches:
-        loss = F.mse_loss(model(feats), target) * 100
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, len(batches) / (time.perf_counter() - start)
+        for name, model in models.items():
+            start = time.perf_counter()
+            loss = F.mse_loss(model(feats), target) * 100
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+            losses[name].append(loss.item())
+            seconds[name] += time.perf_counter() - start
+    return {k: (losses[k], len(batches) / seconds[k]) for k in models}
 
 
 def main(argv=None):
@@ -94,8 +101,9 @@ def main(argv=None):
     fused_model = copy.deepcopy(eager_model)
     fused_model.neck.backend = fused_name
     curves = {}
-    for name, model in (("eager", eager_model), (fused_name, fused_model)):
-        losses, rate = train(model, batches, args.lr)
+    results = train_side_by_side({"eager": eager_model, fused_name: fused_model}, batches,
+                                 args.lr)
+    for name, (losses, rate) in results.items():
         curves[name] = losses
         print(f"{name:>7}: {rate:6.1f} steps/s, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
               flush=True)
