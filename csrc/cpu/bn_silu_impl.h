@@ -173,8 +173,8 @@ static inline void dz_flat(float* __restrict a, const float* __restrict g, int64
     _mm512_storeu_ps(a + i, bn_dz16(_mm512_loadu_ps(a + i), _mm512_loadu_ps(g + i)));
   if (i < n) {
     const __mmask16 m = bn_tail_mask16(n - i);
-    _mm512_mask_storeu_ps(a + i, m,
-                          bn_dz16(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, g + i)));
+    const __m512 v = bn_dz16(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, g + i));
+    _mm512_mask_storeu_ps(a + i, m, v);
   }
 }
 #elif LITEFPN_UP2_F16C

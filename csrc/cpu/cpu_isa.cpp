@@ -47,8 +47,8 @@ CpuIsa env_isa_cap() {
   if (env == nullptr || env[0] == '\0') return CpuIsa::kAvx512;
   for (CpuIsa isa : {CpuIsa::kDefault, CpuIsa::kAvx2, CpuIsa::kAvx512})
     if (std::strcmp(env, cpu_isa_name(isa)) == 0) return isa;
-  TORCH_CHECK(false, "LITEFPN_CPU_ISA must be \"default\", \"avx2\" or \"avx512\" (or unset), got \"",
-              env, "\"");
+  TORCH_CHECK(false, "LITEFPN_CPU_ISA must be \"default\", \"avx2\" or \"avx512\" (or unset), ",
+              "got \"", env, "\"");
 }
 
 }  // namespace
