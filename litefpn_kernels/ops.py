@@ -409,6 +409,15 @@ def _(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_var, tra
             z.new_empty((c_in, c_in) if stats else (0, 0), dtype=acc))
 
 
+def _like_param(grad: Tensor, param: Tensor) -> Tensor:
+    """`grad` in `param`'s dtype and strides: the autograd layout contract, which eager's conv
+    backward keeps (a [C, Cin, 1, 1] weight of a channels_last module has channels_last strides;
+    DDP's gradient buckets warn about grads that differ)."""
+    if grad.stride() == param.stride() and grad.dtype == param.dtype:
+        return grad
+    return torch.empty_like(param).copy_(grad)
+
+
 @torch.library.custom_op("litefpn::lateral_up2_fuse_backward", mutates_args=())
 def _lateral_backward_op(grad_out: Tensor, coarse: Tensor, z: Tensor, conv_weight: Tensor,
                          bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor],
@@ -473,7 +482,7 @@ def _lateral_backward_op(grad_out: Tensor, coarse: Tensor, z: Tensor, conv_weigh
         sum_fine = (scaled_w * a_n).sum(2) + (scaled_w @ zc + bias) * s_n
     else:
         sum_fine = sum_coarse.new_empty((0,))
-    return (grad_coarse, grad_z, grad_w.reshape(conv_weight.shape).to(conv_weight.dtype),
+    return (grad_coarse, grad_z, _like_param(grad_w.reshape(conv_weight.shape), conv_weight),
             d_gamma.to(bn_weight.dtype), s.to(bn_bias.dtype), sum_coarse, sum_fine)
 
 

@@ -67,6 +67,8 @@ def assert_same_module(eager, fused, tol):
         if a.grad is None:
             assert b.grad is None, name
             continue
+        # the autograd layout contract: grads with their parameter's strides, as eager's
+        assert b.grad.stride() == a.grad.stride() == b.stride(), name
         scale = max(1.0, a.grad.abs().max().item())
         torch.testing.assert_close(b.grad / scale, a.grad / scale, **tol, msg=lambda m: f"{name}.grad: {m}")
     for (name, a), b in zip(eager.named_buffers(), fused.buffers()):
@@ -95,6 +97,8 @@ TOL64 = dict(rtol=1e-9, atol=1e-9)
 def test_module_parity_train_then_eval(backend_device, opts, channels_last):
     backend, device = backend_device
     eager, fused = pair(backend, device, **opts)
+    if channels_last:  # as users convert a model: parameters too
+        eager, fused = (m.to(memory_format=torch.channels_last) for m in (eager, fused))
     feats = [make_feats(top=(2, 3), dtype=torch.float64, device=device,
                         channels_last=channels_last, seed=s) for s in range(2)]
     want, got = steps(eager, feats, True), steps(fused, feats, True)
