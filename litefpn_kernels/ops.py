@@ -327,13 +327,20 @@ def _lateral_kernels(backend):
     raise ValueError(f"no fused lateral_up2_fuse kernels for backend {backend!r}")
 
 
+def _empty_in_format(t, shape):
+    """An empty tensor of `shape` with t's dtype and device, channels_last when t is (and not
+    also contiguous): the memory format of the C++ kernels' outputs (output_format_of in
+    csrc/cpu/torch_glue.h)."""
+    channels_last = (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+                     and not t.is_contiguous())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+
+
 def _out_like_z(coarse, z):
     """The output [N, C, 2H, 2W] of a lateral level: z's dtype and memory format."""
     n, _, h2, w2 = z.shape
-    fmt = (torch.channels_last if z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)
-           and not z.is_contiguous() else torch.contiguous_format)
-    return torch.empty((n, coarse.shape[1], h2, w2), dtype=z.dtype, device=z.device,
-                       memory_format=fmt)
+    return _empty_in_format(z, (n, coarse.shape[1], h2, w2))
 
 
 def _pilot(z, acc):
@@ -602,12 +609,6 @@ def _bn_silu_affine(bn_weight, bn_bias, mean, var, bn_eps, acc):
     return scale.contiguous(), (bn_bias.to(acc) - mean * scale).contiguous(), r
 
 
-def _like_x(x):
-    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-           and not x.is_contiguous() else torch.contiguous_format)
-    return torch.empty_like(x, memory_format=fmt)
-
-
 @torch.library.custom_op("litefpn::bn_silu", mutates_args=())
 def _bn_silu_op(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], training: bool, bn_eps: float, backend: str
@@ -617,10 +618,10 @@ def _bn_silu_op(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Opt
     acc = acc_dtype(x.dtype)
     mean, var = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
     if x.numel() == 0:
-        return _like_x(x), mean, var
+        return _empty_in_format(x, x.shape), mean, var
     kernels = _bn_silu_kernels(backend)
     if training:
-        pilot = x[0, :, 0, 0].to(acc).contiguous()
+        pilot = _pilot(x, acc)
         s1, s2 = kernels.stats(x, pilot)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         d = s1 / count
@@ -636,7 +637,8 @@ def _bn_silu_op(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Opt
 def _(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps, backend):
     stats = (x.shape[1],) if training and x.numel() > 0 else (0,)
     acc = acc_dtype(x.dtype)
-    return _like_x(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+    return (_empty_in_format(x, x.shape), x.new_empty(stats, dtype=acc),
+            x.new_empty(stats, dtype=acc))
 
 
 @torch.library.custom_op("litefpn::bn_silu_backward", mutates_args=())
@@ -669,7 +671,7 @@ def _bn_silu_backward_op(grad_out: Tensor, x: Tensor, bn_weight: Tensor, bn_bias
 
 @_bn_silu_backward_op.register_fake
 def _(grad_out, x, bn_weight, bn_bias, mean, var, training, bn_eps, backend):
-    return _like_x(x), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
+    return _empty_in_format(x, x.shape), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
 
 
 def _bn_silu_setup_context(ctx, inputs, output):

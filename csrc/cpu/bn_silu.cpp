@@ -19,13 +19,11 @@
 // bitwise the same for any number of threads.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstdint>
-#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -77,13 +75,6 @@ void check_vec(const Tensor& t, const Tensor& x, const char* op, const char* nam
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// The outputs' memory format: channels_last for a channels_last x, else contiguous.
-at::MemoryFormat out_format(const Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
 bool mergeable(const Tensor& t) {
   return t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3);
 }
@@ -132,12 +123,8 @@ void run(const Launch& l, BnSiluOp op, int64_t acc_size) {
   const BnSiluKernelTable& k = bn_kernels();
   const BnSiluFn fn = l.nhwc ? k.nhwc[op][l.di] : k.plane[op][l.di];
   const int64_t scratch_bytes = bn_silu_scratch_bytes(l.nhwc, l.a.C, acc_size);
-  at::parallel_for(0, l.units, l.grain, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<char[]> raw(new char[scratch_bytes + 64]);
-    void* p = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) &
-                                      ~uintptr_t(63));
-    fn(l.a, begin, end, p);
-  });
+  parallel_with_scratch(l.units, l.grain, scratch_bytes,
+                        [&](int64_t begin, int64_t end, void* p) { fn(l.a, begin, end, p); });
 }
 
 // Runs a sums op and combines the per-unit (double) partials in unit order, in double.
@@ -210,7 +197,7 @@ Tensor bn_silu_fwd_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift
   check_x(x, op);
   check_vec(scale, x, op, "scale");
   check_vec(shift, x, op, "shift");
-  Tensor out = empty_output(x.sizes(), x.options(), out_format(x));
+  Tensor out = empty_output(x.sizes(), x.options(), output_format_of(x));
   if (empty_work(x)) return out;
   Launch l = make_launch(x, nullptr, &out, nhwc_for_output(out));
   l.a.scale = scale.const_data_ptr();
@@ -247,7 +234,7 @@ Tensor bn_silu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& sc
   check_vec(k_dz, x, op, "k_dz");
   check_vec(k_x, x, op, "k_x");
   check_vec(k_0, x, op, "k_0");
-  Tensor out = empty_output(x.sizes(), x.options(), out_format(x));
+  Tensor out = empty_output(x.sizes(), x.options(), output_format_of(x));
   if (empty_work(x)) return out;
   Launch l = make_launch(x, &grad_out, &out, nhwc_for_output(out));
   l.a.scale = scale.const_data_ptr();

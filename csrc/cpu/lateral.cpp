@@ -18,12 +18,10 @@
 // number of threads.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -80,17 +78,6 @@ void check_small(const Tensor& t, at::ScalarType acc, at::IntArrayRef shape, con
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-template <typename F>
-void run_parallel(int64_t units, int64_t scratch_elems, int64_t elem_size, F&& fn) {
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    // 64-byte aligned scratch of scratch_elems accumulation-dtype elements
-    std::unique_ptr<char[]> raw(new char[scratch_elems * elem_size + 64]);
-    void* p = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) &
-                                      ~uintptr_t(63));
-    fn(begin, end, p);
-  });
-}
-
 // ----------------------------------------------------------------------------- gram
 // Pixels per gram unit: the unit's sum is accumulated panel by panel in fp32 (fp64).
 constexpr int64_t kGramUnitPixels = 4096;
@@ -143,8 +130,8 @@ std::tuple<Tensor, Tensor> lateral_gram_cpu(const Tensor& a, const Tensor& b,
     const int64_t nch = g.nchunks, cbp = g.cbp, per_unit = Ca * cbp + Ca;
     std::vector<scalar_t> part(static_cast<size_t>(units * per_unit));
     g.part = part.data();
-    run_parallel(units, lat_gram_scratch(g, lanes), sizeof(scalar_t),
-                 [&](int64_t begin, int64_t end, void* scr) { fn(g, begin, end, scr); });
+    parallel_with_scratch(units, 1, lat_gram_scratch(g, lanes) * int64_t(sizeof(scalar_t)),
+                          [&](int64_t begin, int64_t end, void* scr) { fn(g, begin, end, scr); });
     // Fixed-order combination of the chunk partials (in double; chunk 0, 1, ...).
     scalar_t* gp = gram.data_ptr<scalar_t>();
     scalar_t* cp = colsum.data_ptr<scalar_t>();
@@ -197,9 +184,7 @@ Tensor lateral_up2_fuse_fwd_cpu(const Tensor& coarse, const Tensor& z, const Ten
   if (gate_coarse.has_value()) check_small(*gate_coarse, acc, {N, C}, op, "gate_coarse");
   if (gate_fine.has_value()) check_small(*gate_fine, acc, {N, C}, op, "gate_fine");
   // out in z's memory format (as the operator's fake kernel: ops._out_like_z)
-  const bool cl = z.is_contiguous(at::MemoryFormat::ChannelsLast) && !z.is_contiguous();
-  Tensor out = empty_output({N, C, 2 * H, 2 * W}, z.options(),
-                             cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  Tensor out = empty_output({N, C, 2 * H, 2 * W}, z.options(), output_format_of(z));
   if (out.numel() == 0) return out;
   const int64_t lanes = lanes_of(acc);
   LatFwdArgs f{};
@@ -249,8 +234,8 @@ Tensor lateral_up2_fuse_fwd_cpu(const Tensor& coarse, const Tensor& z, const Ten
     f.bias = bpad.data();
     f.ca = ca.data();
     f.cb = cb.data();
-    run_parallel(units, lat_fwd_scratch(f, lanes), sizeof(scalar_t),
-                 [&](int64_t begin, int64_t end, void* scr) { fn(f, begin, end, scr); });
+    parallel_with_scratch(units, 1, lat_fwd_scratch(f, lanes) * int64_t(sizeof(scalar_t)),
+                          [&](int64_t begin, int64_t end, void* scr) { fn(f, begin, end, scr); });
   });
   return out;
 }
@@ -319,8 +304,8 @@ Tensor lateral_grad_z_cpu(const Tensor& grad_out, const Tensor& z, const Tensor&
     }
     g.weight = weight.const_data_ptr<scalar_t>();
     g.scale = scale.has_value() ? scale->const_data_ptr<scalar_t>() : nullptr;
-    run_parallel(units, lat_grad_z_scratch(g, lanes), sizeof(scalar_t),
-                 [&](int64_t begin, int64_t end, void* scr) { fn(g, begin, end, scr); });
+    parallel_with_scratch(units, 1, lat_grad_z_scratch(g, lanes) * int64_t(sizeof(scalar_t)),
+                          [&](int64_t begin, int64_t end, void* scr) { fn(g, begin, end, scr); });
   });
   return grad_z;
 }

@@ -1,6 +1,6 @@
 // Torch-side helpers shared by the CPU operators (up2_fuse.cpp, lateral.cpp, bn_silu.cpp): the
-// kernel-table dtype index, the accumulation dtype, the plain strided view the kernels take, and
-// the allocation of activation-sized outputs.
+// kernel-table dtype index, the accumulation dtype, the plain strided view the kernels take, the
+// allocation of activation-sized outputs and the parallel loop with per-task scratch.
 //
 // Outputs (out, grad_coarse, grad_fine, grad_z, ...): at::empty / at::empty_like, then, for large
 // ones, a transparent-huge-page hint.
@@ -15,6 +15,7 @@
 // ("never") or madvise fails, nothing changes. LITEFPN_CPU_HUGEPAGES=0 disables it.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -91,6 +93,27 @@ inline at::Tensor empty_output_like(const at::Tensor& like) {
   at::Tensor t = at::empty_like(like);
   advise_huge_pages(t);
   return t;
+}
+
+// The memory format of an output that follows `t`: channels_last when t is channels_last (and
+// not also contiguous, as for size-1 dims), else contiguous; the fake kernels in ops.py use the
+// same rule (_empty_in_format).
+inline at::MemoryFormat output_format_of(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// at::parallel_for over [0, units) in tasks of at least `grain` units; each task gets its own
+// 64-byte aligned scratch of scratch_bytes: fn(begin, end, scratch).
+template <typename F>
+void parallel_with_scratch(int64_t units, int64_t grain, int64_t scratch_bytes, F&& fn) {
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<char[]> raw(new char[scratch_bytes + 64]);
+    void* p = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) &
+                                      ~uintptr_t(63));
+    fn(begin, end, p);
+  });
 }
 
 }  // namespace cpu
