@@ -89,3 +89,17 @@ def run_with_cpu_isa(isa, argv, timeout):
     env = dict(os.environ, LITEFPN_CPU_ISA=isa)
     return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def assert_checks_pass_with_cpu_isa(isa, module, checks, timeout=300):
+    """Runs `checks` (Python lines using torch and `t`, the test module `module` of this folder)
+    in a subprocess whose CPU kernels are capped at `isa`, after asserting that the cap took."""
+    script = "\n".join([
+        "import sys, torch",
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})",
+        f"import {module} as t",
+        f"assert torch.ops.litefpn._cpu_isa() == {isa!r}",
+        checks.strip("\n"),
+        'print("ok")'])
+    proc = run_with_cpu_isa(isa, ["-c", script], timeout)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

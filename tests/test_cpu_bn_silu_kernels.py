@@ -4,13 +4,12 @@ dtypes, layouts (contiguous, channels_last, strided views, expanded grad_out), o
 spanning several chunks, NaN/Inf behaviour and exp accuracy of the forward, determinism across
 thread counts, empty tensors, argument errors and the narrower-ISA builds (baseline, AVX2).
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CPU_ISAS, assert_same_for_thread_counts, need, run_with_cpu_isa
+from helpers import (CPU_ISAS, assert_checks_pass_with_cpu_isa, assert_same_for_thread_counts,
+                     need)
 
 ops = torch.ops.litefpn
 F64 = torch.float64
@@ -281,21 +280,14 @@ def test_bad_arguments_name_the_argument(call, match):
         call()
 
 
-# ----------------------------------------------------------------------------- baseline ISA
-_BASELINE_SCRIPT = r"""
-import sys, torch
-sys.path.insert(0, {tests!r})
-import test_cpu_bn_silu_kernels as t
-from litefpn_kernels import backends
-assert backends.extension() is not None
-assert torch.ops.litefpn._cpu_isa() == {isa!r}
+# ----------------------------------------------------------------------------- narrower ISAs
+_NARROWER_ISA_CHECKS = """
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     for kind in ("contiguous", "channels_last", "strided"):
         t.test_ops_match_contracts(dtype, kind)
     t.test_fwd_nan_inf_like_eager_silu(dtype, "channels_last")
 t.test_fwd_fp32_exp_accuracy()
 t.test_bitwise_deterministic_across_thread_counts("channels_last", "contiguous")
-print("ok")
 """
 
 
@@ -303,6 +295,4 @@ print("ok")
 def test_narrower_isa_builds(isa):
     """The kernels compiled for the narrower instruction sets (LITEFPN_CPU_ISA=default: the
     build's baseline; avx2) pass the same checks."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    proc = run_with_cpu_isa(isa, ["-c", _BASELINE_SCRIPT.format(tests=tests, isa=isa)], 300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    assert_checks_pass_with_cpu_isa(isa, "test_cpu_bn_silu_kernels", _NARROWER_ISA_CHECKS)

@@ -4,13 +4,12 @@ contracts (csrc/ops.cpp): dtypes, layouts (contiguous, channels_last, strided, m
 panels wider than one staging buffer, fp32 accuracy of centred sums, determinism across thread
 counts, empty tensors, argument errors and the narrower-ISA builds (baseline, AVX2).
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CPU_ISAS, assert_same_for_thread_counts, need, run_with_cpu_isa
+from helpers import (CPU_ISAS, assert_checks_pass_with_cpu_isa, assert_same_for_thread_counts,
+                     need)
 
 ops = torch.ops.litefpn
 F64 = torch.float64
@@ -393,20 +392,13 @@ def test_bad_arguments_name_the_argument(call, match):
         call()
 
 
-_BASELINE_SCRIPT = r"""
-import sys, torch
-sys.path.insert(0, {tests!r})
-import test_cpu_lateral_kernels as t
-from litefpn_kernels import backends
-assert backends.extension() is not None
-assert torch.ops.litefpn._cpu_isa() == {isa!r}
+_NARROWER_ISA_CHECKS = """
 for dtype in (torch.float32, torch.float64, torch.bfloat16):
     t.test_gram(dtype, ("contiguous", "channels_last"))
     t.test_forward(dtype, ("channels_last", "channels_last"))
     t.test_forward(dtype, ("contiguous", "contiguous"))
     t.test_grad_z(dtype, ("contiguous", "channels_last"))
     t.test_grad_z(dtype, ("strided", "contiguous"))
-print("ok")
 """
 
 
@@ -414,6 +406,4 @@ print("ok")
 def test_narrower_isa_builds(isa):
     """The kernels compiled for the narrower instruction sets (LITEFPN_CPU_ISA=default: the
     build's baseline; avx2) pass the same checks."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    proc = run_with_cpu_isa(isa, ["-c", _BASELINE_SCRIPT.format(tests=tests, isa=isa)], 300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    assert_checks_pass_with_cpu_isa(isa, "test_cpu_lateral_kernels", _NARROWER_ISA_CHECKS)
