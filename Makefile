@@ -18,7 +18,7 @@ else
 PYTHON := $(abspath $(VENV))/bin/python
 ENV_STAMP := $(VENV)/.pinned
 endif
-EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
+EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
 .PHONY: test bench microbench env build clean
 

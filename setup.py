@@ -13,17 +13,18 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    return sorted(os.path.relpath(p, ROOT)
+                  for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
 def _extensions():
-    sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/**/*.cpp")
     with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
         torch.cuda.is_available() and CUDA_HOME is not None)
     cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
-        sources += _sources("csrc/cuda/*.cu")
+        sources += _sources("csrc/cuda/**/*.cu")
         return [CUDAExtension(
             "litefpn_kernels._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"],
