@@ -12,8 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-#: True when this module was imported with TRITON_INTERPRET=1 (kernels run on CPU tensors).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: Environment switch of the launch plan for CPU tensors (TRITON_INTERPRET=1): "interpreter"
+#: (default: few large tiles, the interpreter's per-program cost is high) or "gpu" (the tiles,
+#: programs and partial-sum blocking a GPU launch would use, to test those plans on CPU).
+PLAN_ENV = "LITEFPN_TRITON_PLAN"
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -117,6 +119,22 @@ def needs_int64(*tensors, limit=2 ** 30):
         if max(span, t.numel()) >= limit:
             return True
     return False
+
+
+def interpreter_plan(t, interpret=None):
+    """True when the planners should use the interpreter's tiling for a launch on `t`.
+
+    `interpret` (True/False) decides when given; CUDA tensors always get the GPU plan; CPU
+    tensors (the interpreter) get the interpreter plan unless LITEFPN_TRITON_PLAN=gpu.
+    """
+    if interpret is not None:
+        return bool(interpret)
+    if t.is_cuda:
+        return False
+    plan = os.environ.get(PLAN_ENV, "interpreter")
+    if plan not in ("interpreter", "gpu"):
+        raise RuntimeError(f"{PLAN_ENV} must be 'interpreter' or 'gpu', got {plan!r}")
+    return plan == "interpreter"
 
 
 def device_guard(t):

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights,
+from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights, interpreter_plan,
                       needs_int64, next_pow2, split_eps, up2_taps)
 from .up2_fuse import backward_coarse, plan_sum_partials
 
@@ -272,7 +272,7 @@ _INTERP_GRAM_ELEMS = 1 << 18
 
 
 def _interpret(t, interpret):
-    return (not t.is_cuda) if interpret is None else interpret
+    return interpreter_plan(t, interpret)
 
 
 def _flat(*tensors):

@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights,
-                      gather4, needs_int64, next_pow2, split_eps, up2_gather_taps, up2_taps)
+from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights, gather4,
+                      interpreter_plan, needs_int64, next_pow2, split_eps, up2_gather_taps,
+                      up2_taps)
 
 __all__ = ["forward", "backward", "backward_coarse"]
 
@@ -309,8 +310,9 @@ def _channels_inner(fine):
 
 
 def _tiling(coarse, fine, interpret):
-    """(BLOCK_X, BLOCK_C, ROWS, grid) from the shapes and fine's layout only (never timing), so
-    the backward's partial-sum blocking is a function of the problem: deterministic."""
+    """(BLOCK_X, BLOCK_C, ROWS, grid) from the shapes and the layout of `fine` only (never
+    timing), so the backward's partial-sum blocking is a function of the problem: deterministic.
+    The backward tiles by grad_out (its streaming input), and so must its partials buffer."""
     n, c, h, w = coarse.shape
     fx, cc = next_pow2(2 * w), next_pow2(c)
     tile = _INTERP_TILE_ELEMS if interpret else _TILE_ELEMS
@@ -338,8 +340,7 @@ def _strides(t):
 def plan_forward(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, out,
                  interpret=None):
     """(kernel, grid, args, kwargs) of the forward launch; also used by the compile test."""
-    if interpret is None:
-        interpret = not fine.is_cuda
+    interpret = interpreter_plan(fine, interpret)
     n, c, h, w = coarse.shape
     block_x, block_c, rows, grid = _tiling(coarse, fine, interpret)
     dummy = out
@@ -359,15 +360,21 @@ def plan_forward(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, ou
 def plan_backward(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps,
                   need_sums, grad_coarse, grad_fine, partials, interpret=None):
     """(kernel, grid, args, kwargs) of the backward launch; `partials` is the [2, P, N*C]
-    buffer from `partials_shape` (or None without need_sums).
+    buffer from `partials_shape(coarse, grad_out)` (or None without need_sums).
 
     With fine = grad_fine = None this is the coarse half only (WITH_FINE=False: grad_coarse and
     sum_coarse; `partials` is then [1, P, N*C]), as lateral's `bwd_coarse`."""
-    if interpret is None:
-        interpret = not grad_out.is_cuda
+    interpret = interpreter_plan(grad_out, interpret)
     with_fine = fine is not None
     n, c, h, w = coarse.shape
     block_x, block_c, rows, grid = _tiling(coarse, grad_out, interpret)
+    if partials is not None:
+        # the kernel writes partial slot pid % P of this grid: a buffer planned from another
+        # tensor's layout would leave slots unwritten or be overrun
+        slots = grid[0] // n if n else 0
+        if tuple(partials.shape[-2:]) != (slots, n * c):
+            raise RuntimeError(f"up2_fuse backward: partials buffer {tuple(partials.shape)} "
+                               f"does not match the launch ({slots} slots of {n * c})")
     dummy = grad_coarse
     fine_, grad_fine_ = (fine, grad_fine) if with_fine else (grad_out, grad_out)
     eps_hi, eps_lo = split_eps(eps)
@@ -386,13 +393,12 @@ def plan_backward(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fi
     return _up2_fuse_bwd_kernel, grid, args, kwargs
 
 
-def partials_shape(coarse, fine, interpret=None, with_fine=True):
-    """[2, P, N*C] ([1, P, N*C] without with_fine): P = programs per sample of the backward (a
-    function of the shapes only). `fine` may be grad_out (same shape and layout)."""
-    if interpret is None:
-        interpret = not fine.is_cuda
+def partials_shape(coarse, grad_out, interpret=None, with_fine=True):
+    """[2, P, N*C] ([1, P, N*C] without with_fine): P = programs per sample of the backward,
+    which tiles by grad_out's shape and layout (whatever fine's layout is)."""
+    interpret = interpreter_plan(grad_out, interpret)
     n, c, h, w = coarse.shape
-    block_x, _, rows, _ = _tiling(coarse, fine, interpret)
+    block_x, _, rows, _ = _tiling(coarse, grad_out, interpret)
     return (2 if with_fine else 1, triton.cdiv(h, rows) * triton.cdiv(2 * w, block_x), n * c)
 
 
@@ -428,7 +434,7 @@ def backward(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, e
     grad_coarse = torch.empty_like(coarse)
     grad_fine = torch.empty_like(fine)
     if need_sums:
-        partials = torch.empty(partials_shape(coarse, fine), dtype=acc, device=fine.device)
+        partials = torch.empty(partials_shape(coarse, grad_out), dtype=acc, device=fine.device)
         sum_coarse = torch.empty(coarse.shape[:2], dtype=acc, device=fine.device)
         sum_fine = torch.empty(coarse.shape[:2], dtype=acc, device=fine.device)
     else:
