@@ -102,9 +102,16 @@ def acc_tl_dtype(dtype):
 
 
 def split_eps(eps):
-    """eps as two fp32 values whose (fp64) sum is eps to ~1e-15 relative."""
-    hi = float(np.float32(eps))
-    return hi, float(np.float32(eps - hi))
+    """eps as two fp32 values whose (fp64) sum is eps to ~1e-15 relative.
+
+    An eps past fp32's range (inf included) is (+-inf, 0): the weights sp/(sp+sp+eps) are then
+    0 as in eager (hi + lo would be inf - inf = NaN otherwise); NaN stays NaN.
+    """
+    with np.errstate(over="ignore"):
+        hi = np.float32(eps)
+    if not np.isfinite(hi):
+        return float(hi), 0.0
+    return float(hi), float(np.float32(eps - float(hi)))
 
 
 def needs_int64(*tensors, limit=2 ** 30):
