@@ -75,56 +75,59 @@ def _link_flags(extra):
     return ["-shared", *extra, f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu"]
 
 
-def _inputs():
-    return sorted([*CUDA_DIR.rglob("*.cuh"), ROOT / "csrc" / "litefpn_math.h",
-                   *EMU_DIR.glob("*.cpp"), *EMU_DIR.glob("*.h"), Path(__file__)])
+def _snapshot():
+    """{path relative to the repo: bytes} of every input, read once: the build compiles exactly
+    the bytes its key hashes, even if a file changes while it runs."""
+    files = sorted([*CUDA_DIR.rglob("*.cuh"), ROOT / "csrc" / "litefpn_math.h",
+                    *EMU_DIR.glob("*.cpp"), *EMU_DIR.glob("*.h"), Path(__file__)])
+    return {p.relative_to(ROOT).as_posix(): p.read_bytes() for p in files}
 
 
-def _key(variant):
+def _key(variant, snap):
     extra, mutation = VARIANTS[variant]
     h = hashlib.sha256()
-    for p in _inputs():
-        h.update(str(p.relative_to(ROOT)).encode())
-        h.update(p.read_bytes())
+    for rel, data in snap.items():
+        h.update(rel.encode() + b"\0" + data)
     ver = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
     h.update(repr((_flags(extra), _link_flags(extra), mutation, torch.__version__, ver)).encode())
     return h.hexdigest()[:16]
 
 
-def _source_tree(out, mutation):
-    """The include root for csrc/cuda: the repo's, or a mutated copy."""
-    if mutation is None:
-        return ROOT / "csrc"
-    tree = out / "csrc"
-    if tree.exists():
-        shutil.rmtree(tree)
-    shutil.copytree(CUDA_DIR, tree / "cuda")
-    shutil.copy(ROOT / "csrc" / "litefpn_math.h", tree / "litefpn_math.h")
-    fname, old, new = MUTATIONS[mutation]
-    path = tree / "cuda" / fname
-    text = path.read_text()
-    count = text.count(old)
-    if count != 1:
-        raise RuntimeError(f"seeded defect {mutation!r}: {old!r} occurs {count} times in "
-                           f"csrc/cuda/{fname} (expected once); update MUTATIONS")
-    path.write_text(text.replace(old, new))
-    return tree
+def _write_sources(out, snap, mutation):
+    """The snapshot under out/src (csrc/..., tests/cuda_emu/...), with the seeded defect if any."""
+    src = out / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    for rel, data in snap.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    if mutation is not None:
+        fname, old, new = MUTATIONS[mutation]
+        path = src / "csrc" / "cuda" / fname
+        text = path.read_text()
+        count = text.count(old)
+        if count != 1:
+            raise RuntimeError(f"seeded defect {mutation!r}: {old!r} occurs {count} times in "
+                               f"csrc/cuda/{fname} (expected once); update MUTATIONS")
+        path.write_text(text.replace(old, new))
+    return src
 
 
 def build(variant="plain", verbose=False):
     """Path of the shared library for `variant`, building it if its inputs changed."""
     extra, mutation = VARIANTS[variant]
-    out = BUILD_ROOT / f"{variant}-{_key(variant)}"
+    snap = _snapshot()
+    out = BUILD_ROOT / f"{variant}-{_key(variant, snap)}"
     lib = out / "litefpn_cuda_emu.so"
     if lib.exists():
         return lib
     out.mkdir(parents=True, exist_ok=True)
-    csrc = _source_tree(out, mutation)
-    flags = _flags(extra) + [f"-I{csrc}", f"-I{ROOT / 'tests'}"]
+    src = _write_sources(out, snap, mutation)
+    flags = _flags(extra) + [f"-I{src / 'csrc'}", f"-I{src / 'tests'}"]
 
     def compile_unit(unit):
         obj = out / (Path(unit).stem + ".o")
-        cmd = [CXX, *flags, "-c", str(EMU_DIR / unit), "-o", str(obj)]
+        cmd = [CXX, *flags, "-c", str(src / "tests" / "cuda_emu" / unit), "-o", str(obj)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"cuda_emu build ({variant}) failed:\n{' '.join(cmd)}\n"
