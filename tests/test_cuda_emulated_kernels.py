@@ -49,10 +49,6 @@ def kname(kernel, dtype, idx64, *params):
     return f"{kernel}<{args}>"
 
 
-def b(x):
-    return str(x).lower()
-
-
 # ----------------------------------------------------------------------------- schemas
 def test_schemas_match_ops_cpp(emu):
     """The emulated ops carry csrc/ops.cpp's schemas (copied into tests/cuda_emu/*_emu.cpp)."""
@@ -285,12 +281,10 @@ def test_lateral_fwd_paths(emu, dtype, idx64):
                                              (1, 17, 1, (1, 1)), (2, 33, 9, (5, 7))]):
             for kinds in LAYOUT_PAIRS[i % 2::2]:
                 launches = kernels(cases.check_lateral_fwd(n, cin, c, hw, dtype, kinds, seed=i))
-                acc = "double" if dtype == F64 else "float"
                 name = kname("mix_kernel", dtype, idx64, 64, f"FuseEpilogue<{T_NAME[dtype]}> ")
                 assert list(launches) == [name]
                 tiles = n * -(-c // 64) * -(-(4 * hw[0] * hw[1]) // 64)
                 assert launches[name] == [tiles]
-                del acc
     finally:
         emu._force_int64(False)
 
