@@ -25,10 +25,16 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += _sources("csrc/cuda/**/*.cu")
+        # Default targets: sm_80 (A100) and sm_90 (H100/H200) code, plus sm_90 PTX that newer GPUs
+        # JIT-compile; litefpn::_cuda_archs() reports what a build carries. TORCH_CUDA_ARCH_LIST
+        # (torch's variable, e.g. "8.6;8.9+PTX") replaces the default: BuildExtension then adds
+        # the -gencode flags itself, which it skips when they are given here.
+        arch_flags = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [
+            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90"]
         return [CUDAExtension(
             "litefpn_kernels._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"],
-                                "nvcc": ["-O3", "-lineinfo", "-DWITH_CUDA"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", *arch_flags]},
             extra_link_args=["-fopenmp"])]
     return [CppExtension("litefpn_kernels._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])]

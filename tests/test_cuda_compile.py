@@ -1,6 +1,6 @@
-"""Compile check of the CUDA kernels (csrc/cuda/*.cu) on machines without a GPU.
+"""Compile check of the CUDA kernels (csrc/cuda/**/*.cu) on machines without a GPU.
 
-Runs ``nvcc -c`` on every ``csrc/cuda/*.cu`` once per target (sm_80, sm_90), with the flags
+Runs ``nvcc -c`` on every ``csrc/cuda/**/*.cu`` once per target (sm_80, sm_90), with the flags
 that ``setup.py`` / ``BuildExtension`` use for nvcc, against the headers of the installed torch.
 The CPU wheel of torch ships the ``c10/cuda`` and ``ATen/cuda`` headers (not the CUDA toolkit's
 cuBLAS/cuSPARSE headers, which is why the sources include only ``c10/cuda/*`` and ``ATen/core``
@@ -23,7 +23,7 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
-SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
+SOURCES = sorted(p.relative_to(CUDA_DIR).as_posix() for p in CUDA_DIR.rglob("*.cu"))
 ARCHS = ("80", "90")
 TIMEOUT_S = 600
 # Headers the sources need from torch; the CPU wheel has them (checked, not assumed).
@@ -59,14 +59,14 @@ def nvcc_command(nvcc, source, arch, obj):
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"],
                 str(ROOT / "csrc")]
     return [nvcc, "-c", str(source), "-o", str(obj), *(f"-I{d}" for d in includes),
-            "-std=c++20", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DWITH_CUDA",
+            "-std=c++20", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
             "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
             *cpp_extension.COMMON_NVCC_FLAGS, "-lineinfo", "-Xcompiler", "-fPIC",
             f"-gencode=arch=compute_{arch},code=sm_{arch}"]
 
 
 def compile_one(nvcc, source, arch, out_dir):
-    obj = out_dir / f"{Path(source).stem}.sm_{arch}.o"
+    obj = out_dir / f"{Path(source).as_posix().replace('/', '_')}.sm_{arch}.o"
     cmd = nvcc_command(nvcc, CUDA_DIR / source, arch, obj)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
     return cmd, proc, obj

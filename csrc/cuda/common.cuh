@@ -1,11 +1,10 @@
-// Shared CUDA machinery of csrc/cuda/*.cu:
+// Helpers shared by the CUDA ops (up2_fuse.cu, lateral_up2_fuse.cu), and nothing op-specific:
 //   * element conversions and G-wide vector access (load_pack / store_pack);
 //   * host helpers: argument checks, the 32/64-bit index decision, vector eligibility, grid sizes;
-//   * the fixed-order second stage that sums per-unit partials (deterministic reductions);
-//   * the up2 backward (a gather: no atomics), shared by _up2_fuse_bwd (up2_fuse.cu, WITH_FINE)
-//     and _up2_fuse_bwd_coarse (lateral.cu, coarse half only).
+//   * the fixed-order second stage that sums per-unit partials (deterministic reductions).
 // Per-element math (bilinear taps, fusion weights) is in litefpn_math.h, shared with the CPU
-// kernels. Per-item device code is __host__ __device__ so that it can be checked on the host.
+// kernels. Launch, stream, device guard and __shared__ declarations come from device.cuh, so the
+// same device code also builds on the host (tests/cuda_emu) for contract and sanitizer tests.
 //
 // Includes stay light on purpose (c10/cuda, ATen/core, ATen/ops): ATen/cuda/CUDAContext.h pulls
 // cuBLAS/cuSPARSE headers that machines without a full CUDA toolkit lack.
@@ -15,9 +14,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -28,10 +24,11 @@
 #include <limits>
 #include <optional>
 
+#include "cuda/device.cuh"
 #include "litefpn_math.h"
 
 namespace litefpn {
-namespace gpu {
+namespace cuda {
 namespace {  // internal linkage: every .cu gets its own copy, no cross-TU symbol clashes
 
 constexpr int kThreads = 256;  // threads per block of every kernel here
@@ -132,7 +129,6 @@ struct Up2Scales {
 };
 
 // ----------------------------------------------------------------------------- reductions
-#if defined(__CUDACC__)
 // Sum over the 32 lanes in a fixed tree (lane 0 holds the result): same order every run.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -158,7 +154,6 @@ __global__ void __launch_bounds__(kThreads)
     out[i] = s;
   }
 }
-#endif
 
 // ----------------------------------------------------------------------------- host helpers
 using at::Tensor;
@@ -182,6 +177,7 @@ inline bool needs_int64(const Tensor& t) {
 }
 
 inline bool any_needs_int64(std::initializer_list<const Tensor*> ts) {
+  if (force_int64()) return true;  // device.cuh: constant false on the GPU; a test switch emulated
   for (const Tensor* t : ts)
     if (t != nullptr && needs_int64(*t)) return true;
   return false;
@@ -227,9 +223,14 @@ inline unsigned int grid_for(int64_t work, int64_t per_block) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// `t` is a tensor of this backend's device type (CUDA; CPU in the host emulation).
+inline void check_on_device(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(on_device(t), op, ": ", name, " must be a ", kDeviceName, " tensor, got ", t.device());
+}
+
 // The same CUDA device as `ref` (the dispatcher only guarantees that one argument is on CUDA).
 inline void check_device(const char* op, const char* name, const Tensor& t, const Tensor& ref) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " must be on ",
+  TORCH_CHECK(on_device(t) && t.device() == ref.device(), op, ": ", name, " must be on ",
               ref.device(), " like the activations, got ", t.device());
 }
 
@@ -245,8 +246,7 @@ inline void check_up2_pair(const char* op, const char* coarse_name, const Tensor
                            const char* fine_name, const Tensor& fine) {
   check_4d(op, coarse_name, coarse);
   check_4d(op, fine_name, fine);
-  TORCH_CHECK(coarse.is_cuda(), op, ": ", coarse_name, " must be a CUDA tensor, got ",
-              coarse.device());
+  check_on_device(op, coarse_name, coarse);
   check_device(op, fine_name, fine, coarse);
   TORCH_CHECK(fine.scalar_type() == coarse.scalar_type(), op, ": ", fine_name, " has dtype ",
               fine.scalar_type(), " but ", coarse_name, " has dtype ", coarse.scalar_type());
@@ -299,429 +299,16 @@ Up2Scales<acc_t> make_scales(const std::optional<Tensor>& w_coarse,
   return s;
 }
 
-#if defined(__CUDACC__)
 // Fixed-order sum of partials (see sum_partials_kernel) on the current stream.
 template <typename acc_t>
 void sum_partials(const Tensor& part, const Tensor& out, int64_t rows, int64_t cols,
                   int64_t nchunks, int64_t s_row, int64_t s_col, int64_t s_chunk) {
   if (rows * cols == 0) return;
-  sum_partials_kernel<acc_t><<<grid_for(rows * cols, kThreads), kThreads, 0,
-                               c10::cuda::getCurrentCUDAStream()>>>(
-      part.const_data_ptr<acc_t>(), out.mutable_data_ptr<acc_t>(), rows, cols, nchunks, s_row,
-      s_col, s_chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<sum_partials_kernel<acc_t>>(grid_for(rows * cols, kThreads), kThreads,
+                                     part.const_data_ptr<acc_t>(), out.mutable_data_ptr<acc_t>(),
+                                     rows, cols, nchunks, s_row, s_col, s_chunk);
 }
-#endif
-
-// ============================================================================= up2 backward
-// grad_fine = cb*g; grad_coarse = ca*Up2^T(g) as a gather: coarse (i, j) collects the fine rows
-// and columns of litefpn::up2_gather_taps (clamp(2i-1), 2i, 2i+1, clamp(2i+2); 1/4, 3/4, 3/4,
-// 1/4). Each item owns whole coarse elements and the 2x2 fine block under them (rows 2i, 2i+1 =
-// taps 1 and 2), so grad_fine and sum_fine come from the same pass. With need_sums:
-//   sum_coarse[n,c] = sum coarse * Up2^T(g),  sum_fine[n,c] = sum g * fine  (unscaled).
-// Paths, chosen by the layout of the fine-side output:
-//   plane (W innermost): a warp per unit = (n, c, run of coarse rows); an item is GC coarse
-//     columns of one row (2*GC fine columns, vector loads along W); warp-shuffle sums.
-//   nhwc (C innermost):  a block per unit = (n, run of coarse pixels, channel tile); an item is
-//     one coarse pixel x G channels (vector loads along C); shared-memory sums.
-// Unit sums go to part_* (indexed by unit; the sums themselves when there is one chunk), and a
-// second kernel adds the chunks in order: no atomics, bitwise reproducible.
-template <typename scalar_t>
-struct Up2BwdArgs {
-  using acc_t = acc_of<scalar_t>;
-  int64_t N = 0, C = 0, H = 0, W = 0;  // coarse sizes; grad_out is [N, C, 2H, 2W]
-  View4 grad_out, coarse, fine, grad_coarse, grad_fine;  // fine-side ones unused without fine
-  bool vec_g = false, vec_coarse = false, vec_fine = false, vec_gc = false, vec_gf = false;
-  Up2Scales<acc_t> sc;
-  bool need_sums = false;
-  acc_t* part_coarse = nullptr;  // plane: [N*C][nchunks]; nhwc: [N][nchunks][C]
-  acc_t* part_fine = nullptr;
-  int64_t chunk = 1, nchunks = 1;  // coarse rows (plane) / coarse pixels (nhwc) per unit
-  int ctile = 1, ptile = 1;        // nhwc: channel groups and pixel lanes per block
-  int64_t ctiles = 1;              // nhwc: channel tiles
-};
-
-// Plane item: coarse row i, columns j0 .. j0+GC-1 of plane (n, c). The fine columns read are
-// 2*j0-1 .. 2*j0+2*GC (clamped): the window `win`, whose middle 2*GC are the item's own.
-template <int GC, bool WITH_FINE, typename scalar_t, typename index_t>
-LITEFPN_HD void up2_bwd_plane_item(const Up2BwdArgs<scalar_t>& a, index_t n, index_t c, index_t i,
-                                   index_t j0, acc_of<scalar_t> ca, acc_of<scalar_t> cb,
-                                   acc_of<scalar_t>& sum_c, acc_of<scalar_t>& sum_f) {
-  using acc_t = acc_of<scalar_t>;
-  constexpr int GF = 2 * GC;  // own fine columns
-  constexpr int NW = GF + 2;  // + one halo column each side
-  const index_t Wf = 2 * static_cast<index_t>(a.W);
-  int64_t rows[kGatherTaps], cols[kGatherTaps];
-  acc_t wr[kGatherTaps], wc[kGatherTaps];
-  up2_gather_taps<acc_t>(i, a.H, rows, wr);
-  up2_gather_taps<acc_t>(j0, a.W, cols, wc);  // only the weights: equal for every column
-  // Window slot s holds fine column clamp(2*j0 - 1 + s); for coarse column j0+e the taps
-  // clamp(2j-1), 2j, 2j+1, clamp(2j+2) are slots 2e, 2e+1, 2e+2, 2e+3.
-  const index_t x_lo = clamp_idx<index_t>(2 * j0 - 1, Wf - 1);
-  const index_t x_hi = clamp_idx<index_t>(2 * j0 + GF, Wf - 1);
-  const index_t gsW = static_cast<index_t>(a.grad_out.s[3]);
-  acc_t acc[GC];
-#pragma unroll
-  for (int e = 0; e < GC; ++e) acc[e] = acc_t(0);
-#pragma unroll
-  for (int t = 0; t < kGatherTaps; ++t) {
-    const index_t y = static_cast<index_t>(rows[t]);
-    const scalar_t* grow = at4<const scalar_t>(a.grad_out, n, c, y, index_t(0));
-    acc_t win[NW];
-    acc_t mid[GF];
-    load_pack<GF>(grow + 2 * j0 * gsW, gsW, a.vec_g, mid);
-    win[0] = to_acc(grow[x_lo * gsW]);
-#pragma unroll
-    for (int e = 0; e < GF; ++e) win[1 + e] = mid[e];
-    win[NW - 1] = to_acc(grow[x_hi * gsW]);
-#pragma unroll
-    for (int e = 0; e < GC; ++e) {
-      const acc_t h = wc[0] * win[2 * e] + wc[1] * win[2 * e + 1] + wc[2] * win[2 * e + 2] +
-                      wc[3] * win[2 * e + 3];
-      acc[e] += wr[t] * h;
-    }
-    if (WITH_FINE && (t == 1 || t == 2)) {  // own fine rows 2i, 2i+1 (never clamped)
-      acc_t gf[GF];
-#pragma unroll
-      for (int e = 0; e < GF; ++e) gf[e] = cb * mid[e];
-      store_pack<GF>(at4<scalar_t>(a.grad_fine, n, c, y, 2 * j0),
-                     static_cast<index_t>(a.grad_fine.s[3]), a.vec_gf, gf);
-      if (a.need_sums) {
-        acc_t f[GF];
-        load_pack<GF>(at4<const scalar_t>(a.fine, n, c, y, 2 * j0),
-                      static_cast<index_t>(a.fine.s[3]), a.vec_fine, f);
-#pragma unroll
-        for (int e = 0; e < GF; ++e) sum_f += mid[e] * f[e];
-      }
-    }
-  }
-  acc_t gc[GC];
-#pragma unroll
-  for (int e = 0; e < GC; ++e) gc[e] = ca * acc[e];
-  store_pack<GC>(at4<scalar_t>(a.grad_coarse, n, c, i, j0),
-                 static_cast<index_t>(a.grad_coarse.s[3]), a.vec_gc, gc);
-  if (a.need_sums) {
-    acc_t x[GC];
-    load_pack<GC>(at4<const scalar_t>(a.coarse, n, c, i, j0), static_cast<index_t>(a.coarse.s[3]),
-                  a.vec_coarse, x);
-#pragma unroll
-    for (int e = 0; e < GC; ++e) sum_c += x[e] * acc[e];
-  }
-}
-
-// NHWC item: coarse pixel (i, j), channels c0 .. c0+G-1 of sample n; 4x4 gathered fine pixels,
-// of which the middle 2x2 (taps 1, 2 on both axes) are the item's own.
-template <int G, bool WITH_FINE, typename scalar_t, typename index_t>
-LITEFPN_HD void up2_bwd_nhwc_item(const Up2BwdArgs<scalar_t>& a, index_t n, index_t i, index_t j,
-                                  index_t c0, acc_of<scalar_t> alpha, acc_of<scalar_t> beta,
-                                  acc_of<scalar_t> (&sum_c)[G], acc_of<scalar_t> (&sum_f)[G]) {
-  using acc_t = acc_of<scalar_t>;
-  int64_t rows[kGatherTaps], cols[kGatherTaps];
-  acc_t wr[kGatherTaps], wc[kGatherTaps];
-  up2_gather_taps<acc_t>(i, a.H, rows, wr);
-  up2_gather_taps<acc_t>(j, a.W, cols, wc);
-  const index_t nc0 = n * static_cast<index_t>(a.C) + c0;
-  acc_t ca[G], cb[G];
-#pragma unroll
-  for (int e = 0; e < G; ++e) {
-    ca[e] = a.sc.coarse_scale(alpha, nc0 + e);
-    cb[e] = WITH_FINE ? a.sc.fine_scale(beta, nc0 + e) : acc_t(0);
-  }
-  const index_t gsC = static_cast<index_t>(a.grad_out.s[1]);
-  acc_t acc[G];
-#pragma unroll
-  for (int e = 0; e < G; ++e) acc[e] = acc_t(0);
-#pragma unroll
-  for (int t = 0; t < kGatherTaps; ++t) {
-    const index_t y = static_cast<index_t>(rows[t]);
-    acc_t h[G];
-#pragma unroll
-    for (int e = 0; e < G; ++e) h[e] = acc_t(0);
-#pragma unroll
-    for (int u = 0; u < kGatherTaps; ++u) {
-      const index_t x = static_cast<index_t>(cols[u]);
-      acc_t v[G];
-      load_pack<G>(at4<const scalar_t>(a.grad_out, n, c0, y, x), gsC, a.vec_g, v);
-#pragma unroll
-      for (int e = 0; e < G; ++e) h[e] += wc[u] * v[e];
-      if (WITH_FINE && (t == 1 || t == 2) && (u == 1 || u == 2)) {  // own fine pixel
-        acc_t gf[G];
-#pragma unroll
-        for (int e = 0; e < G; ++e) gf[e] = cb[e] * v[e];
-        store_pack<G>(at4<scalar_t>(a.grad_fine, n, c0, y, x),
-                      static_cast<index_t>(a.grad_fine.s[1]), a.vec_gf, gf);
-        if (a.need_sums) {
-          acc_t f[G];
-          load_pack<G>(at4<const scalar_t>(a.fine, n, c0, y, x), static_cast<index_t>(a.fine.s[1]),
-                       a.vec_fine, f);
-#pragma unroll
-          for (int e = 0; e < G; ++e) sum_f[e] += v[e] * f[e];
-        }
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < G; ++e) acc[e] += wr[t] * h[e];
-  }
-  acc_t gc[G];
-#pragma unroll
-  for (int e = 0; e < G; ++e) gc[e] = ca[e] * acc[e];
-  store_pack<G>(at4<scalar_t>(a.grad_coarse, n, c0, i, j), static_cast<index_t>(a.grad_coarse.s[1]),
-                a.vec_gc, gc);
-  if (a.need_sums) {
-    acc_t x[G];
-    load_pack<G>(at4<const scalar_t>(a.coarse, n, c0, i, j), static_cast<index_t>(a.coarse.s[1]),
-                 a.vec_coarse, x);
-#pragma unroll
-    for (int e = 0; e < G; ++e) sum_c[e] += x[e] * acc[e];
-  }
-}
-
-// Plane unit u = (n*C + c)*nchunks + chunk: a run of `chunk` coarse rows of plane (n, c), one
-// warp; lane `lane` takes items lane, lane+32, ... in order and adds to sum_c / sum_f.
-template <int GC, bool WITH_FINE, typename scalar_t, typename index_t>
-LITEFPN_HD void up2_bwd_plane_unit(const Up2BwdArgs<scalar_t>& a, int64_t u, int lane,
-                                   acc_of<scalar_t> alpha, acc_of<scalar_t> beta,
-                                   acc_of<scalar_t>& sum_c, acc_of<scalar_t>& sum_f) {
-  using acc_t = acc_of<scalar_t>;
-  const index_t C = static_cast<index_t>(a.C), H = static_cast<index_t>(a.H);
-  const index_t per_row = static_cast<index_t>(a.W / GC), rows = static_cast<index_t>(a.chunk);
-  const index_t nc = static_cast<index_t>(u / a.nchunks);
-  const index_t chunk = static_cast<index_t>(u % a.nchunks);
-  const index_t n = nc / C, c = nc % C;
-  const index_t i_begin = chunk * rows;
-  const index_t i_end = i_begin + rows < H ? i_begin + rows : H;
-  const index_t items = (i_end - i_begin) * per_row;
-  const acc_t ca = a.sc.coarse_scale(alpha, nc);
-  const acc_t cb = WITH_FINE ? a.sc.fine_scale(beta, nc) : acc_t(0);
-  for (index_t q = lane; q < items; q += kWarp)
-    up2_bwd_plane_item<GC, WITH_FINE, scalar_t, index_t>(a, n, c, i_begin + q / per_row,
-                                                         (q % per_row) * GC, ca, cb, sum_c, sum_f);
-}
-
-// NHWC unit u = (n*nchunks + chunk)*ctiles + ct: coarse pixels [chunk*a.chunk, +a.chunk) of
-// sample n, channel groups [ct*ctile, +ctile). Thread (pixel lane pl, channel group cgl) takes
-// pixels pl, pl+ptile, ... in order and adds to its G channels' sums.
-struct NhwcUnit {
-  int64_t n, chunk, ct;
-};
-
-LITEFPN_HD NhwcUnit nhwc_unit(int64_t u, int64_t nchunks, int64_t ctiles) {
-  const int64_t rest = u / ctiles;
-  return {rest / nchunks, rest % nchunks, u % ctiles};
-}
-
-template <int G, bool WITH_FINE, typename scalar_t, typename index_t>
-LITEFPN_HD void up2_bwd_nhwc_thread(const Up2BwdArgs<scalar_t>& a, const NhwcUnit& un, int pl,
-                                    int cgl, acc_of<scalar_t> alpha, acc_of<scalar_t> beta,
-                                    acc_of<scalar_t> (&sum_c)[G], acc_of<scalar_t> (&sum_f)[G]) {
-  const index_t W = static_cast<index_t>(a.W), HW = static_cast<index_t>(a.H) * W;
-  const index_t cg = static_cast<index_t>(un.ct) * a.ctile + cgl;
-  if (pl >= a.ptile || cg >= static_cast<index_t>(a.C / G)) return;
-  const index_t q_begin = static_cast<index_t>(un.chunk * a.chunk);
-  const index_t q_end = q_begin + a.chunk < HW ? q_begin + static_cast<index_t>(a.chunk) : HW;
-  for (index_t q = q_begin + pl; q < q_end; q += a.ptile)
-    up2_bwd_nhwc_item<G, WITH_FINE, scalar_t, index_t>(a, static_cast<index_t>(un.n), q / W, q % W,
-                                                       cg * G, alpha, beta, sum_c, sum_f);
-}
-
-// Index of channel ch of nhwc unit `un` in the partials ([N][nchunks][C]).
-LITEFPN_HD int64_t nhwc_part_index(int64_t nchunks, int64_t C, const NhwcUnit& un, int64_t ch) {
-  return (un.n * nchunks + un.chunk) * C + ch;
-}
-
-#if defined(__CUDACC__)
-template <typename scalar_t, typename index_t, int GC, bool WITH_FINE>
-__global__ void __launch_bounds__(kThreads)
-    up2_bwd_plane_kernel(const Up2BwdArgs<scalar_t> a, const int64_t units) {
-  using acc_t = acc_of<scalar_t>;
-  acc_t alpha, beta;
-  a.sc.weights(alpha, beta);
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps_per_block = blockDim.x / kWarp;
-  // u is uniform across the warp, so every lane reaches warp_sum.
-  for (int64_t u = blockIdx.x * warps_per_block + threadIdx.x / kWarp; u < units;
-       u += int64_t(gridDim.x) * warps_per_block) {
-    acc_t sum_c = 0, sum_f = 0;
-    up2_bwd_plane_unit<GC, WITH_FINE, scalar_t, index_t>(a, u, lane, alpha, beta, sum_c, sum_f);
-    if (a.need_sums) {
-      sum_c = warp_sum(sum_c);
-      if (WITH_FINE) sum_f = warp_sum(sum_f);
-      if (lane == 0) {
-        a.part_coarse[u] = sum_c;
-        if (WITH_FINE) a.part_fine[u] = sum_f;
-      }
-    }
-  }
-}
-
-// A block per nhwc unit; the threads' sums are combined across pixel lanes in shared memory, in
-// lane order (fixed).
-template <typename scalar_t, typename index_t, int G, bool WITH_FINE>
-__global__ void __launch_bounds__(kThreads)
-    up2_bwd_nhwc_kernel(const Up2BwdArgs<scalar_t> a, const int64_t units) {
-  using acc_t = acc_of<scalar_t>;
-  __shared__ acc_t red[2 * kThreads * G];  // [coarse | fine][pixel lane][channel in tile]
-  acc_t alpha, beta;
-  a.sc.weights(alpha, beta);
-  const int Pt = a.ptile, slots = a.ctile * G;
-  const int cgl = threadIdx.x % a.ctile, pl = threadIdx.x / a.ctile;
-  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {  // uniform across the block
-    const NhwcUnit un = nhwc_unit(u, a.nchunks, a.ctiles);
-    acc_t sum_c[G], sum_f[G];
-#pragma unroll
-    for (int e = 0; e < G; ++e) sum_c[e] = sum_f[e] = acc_t(0);
-    up2_bwd_nhwc_thread<G, WITH_FINE, scalar_t, index_t>(a, un, pl, cgl, alpha, beta, sum_c, sum_f);
-    if (!a.need_sums) continue;  // uniform
-    if (pl < Pt) {
-#pragma unroll
-      for (int e = 0; e < G; ++e) {
-        red[pl * slots + cgl * G + e] = sum_c[e];
-        red[(Pt + pl) * slots + cgl * G + e] = sum_f[e];
-      }
-    }
-    __syncthreads();
-    for (int r = threadIdx.x; r < (WITH_FINE ? 2 : 1) * slots; r += blockDim.x) {
-      const int s = r / slots, ce = r % slots;
-      const int64_t ch = un.ct * slots + ce;
-      if (ch < a.C) {
-        acc_t tot = 0;
-        for (int p = 0; p < Pt; ++p) tot += red[(s * Pt + p) * slots + ce];
-        (s == 0 ? a.part_coarse : a.part_fine)[nhwc_part_index(a.nchunks, a.C, un, ch)] = tot;
-      }
-    }
-    __syncthreads();  // `red` is rewritten by the next unit
-  }
-}
-#endif  // __CUDACC__
-
-// ----------------------------------------------------------------------------- up2 bwd host
-// Tensors of one up2 backward. Without `fine` (WITH_FINE = false) only grad_coarse / sum_coarse.
-struct Up2BwdTensors {
-  Tensor grad_out, coarse, fine, grad_coarse, grad_fine, sum_coarse, sum_fine;
-  std::optional<Tensor> w_coarse, w_fine, gate_coarse, gate_fine;
-  double eps = 0;
-  bool need_sums = false;
-};
-
-// Path, group widths and units of an up2 backward; partial sums of unit chunks live at
-// part[row*s_row + col*s_col + chunk*s_chunk] for (row, col) = (n, c).
-template <typename scalar_t>
-struct Up2BwdPlan {
-  Up2BwdArgs<scalar_t> a;  // part_* left null
-  bool nhwc = false;
-  int GC = 1;  // coarse-side group width (plane path); nhwc uses G = 16 bytes of elements
-  int64_t units = 0;
-  int64_t s_row = 0, s_col = 0, s_chunk = 0;
-};
-
-template <typename scalar_t, bool WITH_FINE>
-Up2BwdPlan<scalar_t> plan_up2_bwd(const Up2BwdTensors& t) {
-  using acc_t = acc_of<scalar_t>;
-  constexpr int V = 16 / sizeof(scalar_t);  // elements per 16-byte vector
-  const int64_t N = t.coarse.size(0), C = t.coarse.size(1), H = t.coarse.size(2),
-                W = t.coarse.size(3);
-  Up2BwdPlan<scalar_t> p;
-  Up2BwdArgs<scalar_t>& a = p.a;
-  a.N = N;
-  a.C = C;
-  a.H = H;
-  a.W = W;
-  a.grad_out = view4(t.grad_out);
-  a.coarse = view4(t.coarse);
-  a.grad_coarse = view4(t.grad_coarse);
-  if (WITH_FINE) {
-    a.fine = view4(t.fine);
-    a.grad_fine = view4(t.grad_fine);
-  }
-  a.sc = make_scales<acc_t>(t.w_coarse, t.w_fine, t.gate_coarse, t.gate_fine, t.eps);
-  a.need_sums = t.need_sums;
-  // The output whose layout sets the path: channels innermost -> nhwc, else plane.
-  const Tensor& ref = WITH_FINE ? t.grad_fine : t.grad_out;
-  p.nhwc = C > 1 && ref.stride(1) == 1 && C % V == 0;
-  p.GC = p.nhwc ? V : (W % (V / 2) == 0 ? V / 2 : 1);
-  const int GF = p.nhwc ? V : 2 * p.GC;  // group width on the fine side
-  const int vdim = p.nhwc ? 1 : 3;
-  a.vec_g = vec_ok(t.grad_out, vdim, GF);
-  a.vec_coarse = vec_ok(t.coarse, vdim, p.GC);
-  a.vec_gc = vec_ok(t.grad_coarse, vdim, p.GC);
-  if (WITH_FINE) {
-    a.vec_fine = vec_ok(t.fine, vdim, GF);
-    a.vec_gf = vec_ok(t.grad_fine, vdim, GF);
-  }
-  if (p.nhwc) {
-    const int64_t CG = C / V;
-    a.ctile = static_cast<int>(CG < kWarp ? CG : kWarp);
-    a.ptile = kThreads / a.ctile;
-    a.ctiles = ceil_div(CG, a.ctile);
-    a.chunk = int64_t(a.ptile) * 4;  // ~4 coarse pixels per thread
-    a.nchunks = ceil_div(H * W, a.chunk);
-    p.units = N * a.nchunks * a.ctiles;
-    p.s_row = a.nchunks * C;  // [N][nchunks][C]
-    p.s_col = 1;
-    p.s_chunk = C;
-  } else {
-    constexpr int64_t kItemsPerWarp = 4 * kWarp;  // ~4 items per lane
-    const int64_t per_row = W / p.GC;
-    a.chunk = std::min<int64_t>(std::max<int64_t>(ceil_div(kItemsPerWarp, per_row), 1), H);
-    a.nchunks = ceil_div(H, a.chunk);
-    p.units = N * C * a.nchunks;
-    p.s_row = C * a.nchunks;  // [N][C][nchunks]
-    p.s_col = a.nchunks;
-    p.s_chunk = 1;
-  }
-  return p;
-}
-
-#if defined(__CUDACC__)
-// Fills t.grad_coarse (+ t.grad_fine) and, with need_sums, t.sum_coarse (+ t.sum_fine), [N, C].
-// Shapes and devices are checked by the caller; runs on the current stream.
-template <bool WITH_FINE>
-void up2_bwd_launch(const Up2BwdTensors& t) {
-  if (t.grad_coarse.numel() == 0) return;
-  const bool use64 = any_needs_int64({&t.grad_out, &t.coarse, &t.fine, &t.grad_coarse,
-                                      &t.grad_fine});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.coarse.scalar_type(), "up2_bwd", [&] {
-    using acc_t = acc_of<scalar_t>;
-    Up2BwdPlan<scalar_t> p = plan_up2_bwd<scalar_t, WITH_FINE>(t);
-    // Per-unit partials; with one chunk per (n, c) they are the sums themselves.
-    Tensor part_c, part_f;
-    if (t.need_sums) {
-      if (p.a.nchunks == 1) {
-        part_c = t.sum_coarse;
-        part_f = t.sum_fine;
-      } else {
-        part_c = at::empty({t.sum_coarse.numel() * p.a.nchunks}, t.sum_coarse.options());
-        if (WITH_FINE) part_f = at::empty_like(part_c);
-      }
-      p.a.part_coarse = part_c.mutable_data_ptr<acc_t>();
-      if (WITH_FINE) p.a.part_fine = part_f.mutable_data_ptr<acc_t>();
-    }
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch_index(use64, [&](auto index_tag) {
-      using index_t = decltype(index_tag);
-      constexpr int V = 16 / sizeof(scalar_t);
-      constexpr int GCV = V / 2 > 1 ? V / 2 : 1;
-      if (p.nhwc) {
-        up2_bwd_nhwc_kernel<scalar_t, index_t, V, WITH_FINE>
-            <<<grid_for(p.units, 1), kThreads, 0, stream>>>(p.a, p.units);
-      } else if (p.GC == GCV) {
-        up2_bwd_plane_kernel<scalar_t, index_t, GCV, WITH_FINE>
-            <<<grid_for(p.units, kThreads / kWarp), kThreads, 0, stream>>>(p.a, p.units);
-      } else {
-        up2_bwd_plane_kernel<scalar_t, index_t, 1, WITH_FINE>
-            <<<grid_for(p.units, kThreads / kWarp), kThreads, 0, stream>>>(p.a, p.units);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    if (t.need_sums && p.a.nchunks > 1) {
-      const int64_t N = p.a.N, C = p.a.C, K = p.a.nchunks;
-      sum_partials<acc_t>(part_c, t.sum_coarse, N, C, K, p.s_row, p.s_col, p.s_chunk);
-      if (WITH_FINE) sum_partials<acc_t>(part_f, t.sum_fine, N, C, K, p.s_row, p.s_col, p.s_chunk);
-    }
-  });
-}
-#endif  // __CUDACC__
 
 }  // namespace
-}  // namespace gpu
+}  // namespace cuda
 }  // namespace litefpn

@@ -1,9 +1,11 @@
-// CUDA kernels of one lateral_up2_fuse level (schemas at the end of csrc/ops.cpp; ops.py
-// composes them, BatchNorm statistics included):
+// litefpn::_lateral_{gram,up2_fuse_fwd,grad_z} on CUDA: kernels, launch plans and op bodies of
+// one lateral_up2_fuse level (schemas in csrc/ops.cpp; the Python op composes them, BatchNorm
+// statistics included). Compiled by lateral_up2_fuse.cu (which registers the ops) and, unchanged,
+// by the host emulation (tests/cuda_emu); device.cuh holds the few lines that differ.
 //   _lateral_gram          gram[n,i,j] = sum_p (a-ac[i])(b-bc[j]), colsum[n,i] = sum_p (a-ac[i])
 //   _lateral_up2_fuse_fwd  out = ca*Up2(coarse) + cb*(weight.z + bias)    (y = weight.z never stored)
 //   _lateral_grad_z        grad_z = sum_c weight[c,k]*scale[n,c]*g[n,c] - quad.z + shift
-//   _up2_fuse_bwd_coarse   the coarse half of _up2_fuse_bwd (common.cuh, WITH_FINE = false)
+// (Its backward's coarse half, _up2_fuse_bwd_coarse, belongs to up2_fuse: up2_fuse_kernels.cuh.)
 //
 // The three GEMM-shaped ops are small-K channel mixes over pixels (K = C_in or C: 32..256), done
 // with one SIMT tiling: 256 threads as a 16x16 grid, each owning a TM x 4 (or TM x TM) register
@@ -16,8 +18,9 @@
 //     are summed in chunk order by a second kernel: bitwise deterministic, no atomics.
 // Activations are read through their strides (NCHW, channels_last or anything else), loading
 // along whichever of channel / pixel is unit-stride; nothing is copied to a contiguous layout.
+#pragma once
+
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -26,8 +29,9 @@
 #include "cuda/common.cuh"
 
 namespace litefpn {
-namespace gpu {
+namespace cuda {
 namespace {
+
 
 constexpr int kBK = 16;             // reduction slice staged in shared memory
 constexpr int kBN = 64;             // pixel tile of the channel mix
@@ -268,7 +272,7 @@ template <typename scalar_t, typename index_t, int BM, class Epilogue>
 __global__ void __launch_bounds__(kThreads)
     mix_kernel(const MixArgs<acc_of<scalar_t>> a, const Epilogue epi) {
   using acc_t = acc_of<scalar_t>;
-  __shared__ MixSmem<BM, acc_t> sm;
+  LITEFPN_SHARED(sm, MixSmem<BM, acc_t>);
   const int tid = threadIdx.x;
   int tm, tn;
   mix_roles(a.m_fast, tid, tm, tn);
@@ -289,11 +293,9 @@ template <typename scalar_t, int BM, class Epilogue>
 void mix_launch(const MixArgs<acc_of<scalar_t>>& a, const Epilogue& epi, bool use64) {
   const int64_t tiles = a.N * a.ptiles * a.mtiles;
   if (tiles == 0) return;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_index(use64, [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    mix_kernel<scalar_t, index_t, BM, Epilogue><<<grid_for(tiles, 1), kThreads, 0, stream>>>(a, epi);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<mix_kernel<scalar_t, index_t, BM, Epilogue>>(grid_for(tiles, 1), kThreads, a, epi);
   });
 }
 
@@ -420,7 +422,7 @@ template <typename scalar_t, typename index_t, int BM>
 __global__ void __launch_bounds__(kThreads) gram_kernel(const GramArgs<acc_of<scalar_t>> g) {
   using acc_t = acc_of<scalar_t>;
   constexpr int TM = BM / kTile;
-  __shared__ GramSmem<BM, acc_t> sm;
+  LITEFPN_SHARED(sm, GramSmem<BM, acc_t>);
   acc_t(*As)[BM + kPad] = sm.A;
   acc_t(*Bs)[BM + kPad] = sm.B;
   const int tid = threadIdx.x, ti = tid / kTile, tj = tid % kTile;
@@ -562,13 +564,12 @@ std::pair<MixArgs<acc_of<scalar_t>>, ShiftEpilogue<scalar_t>> plan_grad_z(
   return {a, epi};
 }
 
-// ---- torch-facing ops
 std::tuple<Tensor, Tensor> lateral_gram_cuda(const Tensor& a, const Tensor& b,
                                              const OptTensor& a_center, const OptTensor& b_center) {
   constexpr const char* op = "_lateral_gram";
   check_4d(op, "a", a);
   check_4d(op, "b", b);
-  TORCH_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got ", a.device());
+  check_on_device(op, "a", a);
   check_device(op, "b", b, a);
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b has dtype ", b.scalar_type(),
               " but a has dtype ", a.scalar_type());
@@ -579,7 +580,7 @@ std::tuple<Tensor, Tensor> lateral_gram_cuda(const Tensor& a, const Tensor& b,
   const at::ScalarType acc = acc_scalar_type(a.scalar_type());
   if (a_center.has_value()) check_small(op, "a_center", *a_center, a, {Ca}, acc);
   if (b_center.has_value()) check_small(op, "b_center", *b_center, a, {Cb}, acc);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   const auto opts = a.options().dtype(acc);
   Tensor gram = at::empty({N, Ca, Cb}, opts);
   Tensor colsum = at::empty({N, Ca}, opts);
@@ -597,15 +598,13 @@ std::tuple<Tensor, Tensor> lateral_gram_cuda(const Tensor& a, const Tensor& b,
     g.gram = gram_part.mutable_data_ptr<acc_t>();
     g.colsum = colsum_part.mutable_data_ptr<acc_t>();
     const unsigned int blocks = grid_for(N * K * g.tiles_a * g.tiles_b, 1);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_index(use64, [&](auto index_tag) {
       using index_t = decltype(index_tag);
       if (BM == 32) {
-        gram_kernel<scalar_t, index_t, 32><<<blocks, kThreads, 0, stream>>>(g);
+        launch<gram_kernel<scalar_t, index_t, 32>>(blocks, kThreads, g);
       } else {
-        gram_kernel<scalar_t, index_t, 64><<<blocks, kThreads, 0, stream>>>(g);
+        launch<gram_kernel<scalar_t, index_t, 64>>(blocks, kThreads, g);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (K > 1) {
       sum_partials<acc_t>(gram_part, gram, N, Ca * Cb, K, K * Ca * Cb, 1, Ca * Cb);
@@ -622,7 +621,7 @@ Tensor lateral_up2_fuse_fwd_cuda(const Tensor& coarse, const Tensor& z, const Te
   constexpr const char* op = "_lateral_up2_fuse_fwd";
   check_4d(op, "coarse", coarse);
   check_4d(op, "z", z);
-  TORCH_CHECK(coarse.is_cuda(), op, ": coarse must be a CUDA tensor, got ", coarse.device());
+  check_on_device(op, "coarse", coarse);
   check_device(op, "z", z, coarse);
   TORCH_CHECK(z.scalar_type() == coarse.scalar_type(), op, ": z has dtype ", z.scalar_type(),
               " but coarse has dtype ", coarse.scalar_type());
@@ -635,7 +634,7 @@ Tensor lateral_up2_fuse_fwd_cuda(const Tensor& coarse, const Tensor& z, const Te
   check_small(op, "weight", weight, coarse, {C, Cin}, acc);
   check_small(op, "bias", bias, coarse, {C}, acc);
   check_fusion_params(op, coarse, N, C, w_coarse, w_fine, gate_coarse, gate_fine);
-  const c10::cuda::CUDAGuard guard(z.device());
+  const DeviceGuard guard(z.device());
   // channels_last exactly when z is densely channels_last (and not also contiguous): the rule
   // of every backend and of the fake kernel (ops.py, _out_like_z)
   const bool z_cl = z.is_contiguous(at::MemoryFormat::ChannelsLast) && !z.is_contiguous();
@@ -657,7 +656,7 @@ Tensor lateral_grad_z_cuda(const Tensor& grad_out, const Tensor& z, const Tensor
   constexpr const char* op = "_lateral_grad_z";
   check_4d(op, "grad_out", grad_out);
   check_4d(op, "z", z);
-  TORCH_CHECK(z.is_cuda(), op, ": z must be a CUDA tensor, got ", z.device());
+  check_on_device(op, "z", z);
   check_device(op, "grad_out", grad_out, z);
   TORCH_CHECK(grad_out.scalar_type() == z.scalar_type(), op, ": grad_out has dtype ",
               grad_out.scalar_type(), " but z has dtype ", z.scalar_type());
@@ -671,7 +670,7 @@ Tensor lateral_grad_z_cuda(const Tensor& grad_out, const Tensor& z, const Tensor
   if (scale.has_value()) check_small(op, "scale", *scale, z, {N, C}, acc);
   if (quad.has_value()) check_small(op, "quad", *quad, z, {Cin, Cin}, acc);
   if (shift.has_value()) check_small(op, "shift", *shift, z, {Cin}, acc);
-  const c10::cuda::CUDAGuard guard(z.device());
+  const DeviceGuard guard(z.device());
   Tensor grad_z = at::empty_like(z);
   if (grad_z.numel() == 0) return grad_z;
   const bool use64 = any_needs_int64({&grad_out, &z, &grad_z});
@@ -687,43 +686,6 @@ Tensor lateral_grad_z_cuda(const Tensor& grad_out, const Tensor& z, const Tensor
   return grad_z;
 }
 
-std::tuple<Tensor, Tensor> up2_fuse_bwd_coarse_cuda(const Tensor& grad_out, const Tensor& coarse,
-                                                    const OptTensor& w_coarse,
-                                                    const OptTensor& w_fine,
-                                                    const OptTensor& gate_coarse, double eps,
-                                                    bool need_sum) {
-  constexpr const char* op = "_up2_fuse_bwd_coarse";
-  check_up2_pair(op, "coarse", coarse, "grad_out", grad_out);
-  check_fusion_params(op, coarse, coarse.size(0), coarse.size(1), w_coarse, w_fine, gate_coarse,
-                      std::nullopt);
-  const c10::cuda::CUDAGuard guard(coarse.device());
-  const std::vector<int64_t> sum_shape =
-      need_sum ? std::vector<int64_t>{coarse.size(0), coarse.size(1)} : std::vector<int64_t>{0};
-  Up2BwdTensors t;
-  t.grad_out = grad_out;
-  t.coarse = coarse;
-  t.grad_coarse = at::empty_like(coarse);
-  t.sum_coarse = at::empty(sum_shape, coarse.options().dtype(acc_scalar_type(coarse.scalar_type())));
-  t.w_coarse = w_coarse;
-  t.w_fine = w_fine;
-  t.gate_coarse = gate_coarse;
-  t.eps = eps;
-  t.need_sums = need_sum;
-  if (coarse.numel() == 0) {
-    t.sum_coarse.zero_();
-  } else {
-    up2_bwd_launch</*WITH_FINE=*/false>(t);
-  }
-  return {t.grad_coarse, t.sum_coarse};
-}
-
 }  // namespace
-}  // namespace gpu
+}  // namespace cuda
 }  // namespace litefpn
-
-TORCH_LIBRARY_IMPL(litefpn, CUDA, m) {
-  m.impl("_lateral_gram", &litefpn::gpu::lateral_gram_cuda);
-  m.impl("_lateral_up2_fuse_fwd", &litefpn::gpu::lateral_up2_fuse_fwd_cuda);
-  m.impl("_lateral_grad_z", &litefpn::gpu::lateral_grad_z_cuda);
-  m.impl("_up2_fuse_bwd_coarse", &litefpn::gpu::up2_fuse_bwd_coarse_cuda);
-}
