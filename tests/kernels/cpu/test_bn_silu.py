@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support.helpers import (CPU_ISAS, assert_checks_pass_with_cpu_isa, assert_same_for_thread_counts,
-                     need)
+from tests.support.helpers import (CPU_ISAS, assert_checks_pass_with_cpu_isa,
+                                   assert_same_for_thread_counts, need)
 
 ops = torch.ops.litefpn
 F64 = torch.float64

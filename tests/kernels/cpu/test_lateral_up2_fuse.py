@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support.helpers import (CPU_ISAS, assert_checks_pass_with_cpu_isa, assert_same_for_thread_counts,
-                     need)
+from tests.support.contract import grad_z64 as ref_grad_z
+from tests.support.helpers import (CPU_ISAS, assert_checks_pass_with_cpu_isa,
+                                   assert_same_for_thread_counts, need)
 
 ops = torch.ops.litefpn
 F64 = torch.float64
@@ -85,18 +86,6 @@ def ref_fwd(coarse, z, weight, bias, w_coarse, w_fine, gate_coarse, gate_fine, e
     gc = 1.0 if gate_coarse is None else gate_coarse.double()[:, :, None, None]
     gf = 1.0 if gate_fine is None else gate_fine.double()[:, :, None, None]
     return alpha * gc * up + beta * gf * y
-
-
-def ref_grad_z(g, z, weight, scale, quad, shift):
-    g64 = g.double()
-    if scale is not None:
-        g64 = g64 * scale.double()[:, :, None, None]
-    out = torch.einsum("ck,nchw->nkhw", weight.double(), g64)
-    if quad is not None:
-        out = out - torch.einsum("kj,njhw->nkhw", quad.double(), z.double())
-    if shift is not None:
-        out = out + shift.double()[:, None, None]
-    return out
 
 
 def ref_bwd_coarse(g, coarse, w_coarse, w_fine, gate_coarse, eps=1e-4):

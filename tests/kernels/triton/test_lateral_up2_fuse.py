@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.support.contract import grad_z64 as ref_grad_z
 from tests.support.helpers import need
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,18 +99,6 @@ def ref_fwd(coarse, z, weight, bias, wc, wf, gc, gf):
     y = torch.einsum("ck,nkhw->nchw", weight.double(), z.double()) + bias.double()[:, None, None]
     a, b = coefs(coarse.shape[0], coarse.shape[1], wc, wf, gc, gf)
     return a * up2_64(coarse) + b * y
-
-
-def ref_grad_z(g, z, weight, scale, quad, shift):
-    g = g.double()
-    if scale is not None:
-        g = g * scale.double()[:, :, None, None]
-    out = torch.einsum("ck,nchw->nkhw", weight.double(), g)
-    if quad is not None:
-        out = out - torch.einsum("kj,njhw->nkhw", quad.double(), z.double())
-    if shift is not None:
-        out = out + shift.double()[:, None, None]
-    return out
 
 
 def ref_bwd_coarse(g, coarse, wc, wf, gc):
