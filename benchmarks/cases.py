@@ -13,8 +13,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from litefpn_kernels import LiteFPN, backends, ops
-from litefpn_kernels.functional import lateral_up2_fuse_reference, up2_fuse_reference
+from litefpn_kernels import LiteFPN, backends, eager, ops
 
 PASSES = ("fwd", "fwd_bwd", "eval")
 #: the spec's levels: name -> (coarse H, W at batch-independent spec size, channels of z)
@@ -35,11 +34,12 @@ def compile_mode(device):
     return "max-autotune-no-cudagraphs" if device.type == "cuda" else None
 
 
-def fused_backends(device):
-    """Fused backends that can run on `device` here (the Triton interpreter is not timed)."""
+def fused_backends(device, op="lateral_up2_fuse"):
+    """Fused backends that can run `op` on `device` here (the Triton interpreter is not timed);
+    the neck runs lateral_up2_fuse at every fused level."""
     return [name for name in backends.BACKENDS
             if name != "eager" and not (name == "triton" and device.type != "cuda")
-            and backends.unavailable_reason(name, device) is None]
+            and backends.unavailable_reason(op, name, device) is None]
 
 
 def _fmt(t, channels_last):
@@ -94,7 +94,7 @@ def up2_fuse_case(impl, level, batch, dtype, device, channels_last):
     w_c = torch.ones(1, device=device, requires_grad=True)
     w_f = torch.full((1,), 0.5, device=device, requires_grad=True)
     if impl in ("eager", "compile"):
-        fn = lambda c, f, a, b: up2_fuse_reference(c, f, a, b)  # noqa: E731
+        fn = lambda c, f, a, b: eager.up2_fuse(c, f, a, b)  # noqa: E731
         if impl == "compile":
             fn = _compiled(fn, device)
     else:
@@ -123,8 +123,8 @@ def lateral_up2_fuse_case(impl, level, batch, dtype, device, channels_last):
     state = {"training": True}
     if impl in ("eager", "compile"):
         def fn(c, zz, cw, bw, bb, a, b, training):
-            return lateral_up2_fuse_reference(c, zz, cw, bw, bb, stats[0], stats[1], training,
-                                              w_coarse=a, w_fine=b)
+            return eager.lateral_up2_fuse(c, zz, cw, bw, bb, stats[0], stats[1], training,
+                                          w_coarse=a, w_fine=b)
         if impl == "compile":
             fn = _compiled(fn, device)
     else:
@@ -172,9 +172,7 @@ def bn_silu_case(impl, level, batch, dtype, device, channels_last):
 
 def impls_for(op, device):
     """eager, compile and the fused backends that have kernels for `op` on `device`."""
-    fused = fused_backends(device)
-    if op == "bn_silu":
-        fused = [b for b in fused if b in ops.BN_SILU_BACKENDS]
+    fused = fused_backends(device, op if op in backends.registry.OPS else "lateral_up2_fuse")
     return ["eager", "compile"] + fused
 
 

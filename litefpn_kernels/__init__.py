@@ -4,10 +4,13 @@
     neck = LiteFPN()                        # the spec's module, plain PyTorch
     out = neck([b1, b2, b3, b4])            # LiteFPNOutput(hf, p3_td, p4_td, p5)
     y = ops.up2_fuse(coarse, fine, w_c, w_f, backend="auto")
-"""
-from . import backends, functional, ops
-from .ops import bn_silu, lateral_up2_fuse, up2_fuse
-from .reference import LiteFPN, LiteFPNOutput, convert
 
-__all__ = ["LiteFPN", "LiteFPNOutput", "backends", "bn_silu", "convert", "functional",
+Layout (docs/design.md): `ops/` the operators (one module per op), `backends/` the kernel
+registry, `eager` the plain-PyTorch backend, `triton/` the Triton kernels, `nn/` the module.
+"""
+from . import backends, eager, ops
+from .nn import LiteFPN, LiteFPNOutput, convert
+from .ops import bn_silu, lateral_up2_fuse, up2_fuse
+
+__all__ = ["LiteFPN", "LiteFPNOutput", "backends", "bn_silu", "convert", "eager",
            "lateral_up2_fuse", "ops", "up2_fuse"]

@@ -1,3 +1,9 @@
+"""Fixtures and session set-up only; helpers live in tests/support/.
+
+Layout (mirrors the package): ops/ (every backend vs eager, per op), kernels/<backend>/ (each
+kernel against its contract), nn/ (the module), build/ (compile checks without a GPU),
+integration/ (training parity), gpu/ (the GPU-session harness and its dry run).
+"""
 import os
 
 import pytest
@@ -8,7 +14,32 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# thread-count guard: the shared 2-core machines; determinism tests set their own counts
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from litefpn_kernels import backends  # noqa: E402
+from tests.support import contract  # noqa: E402,F401  (registers the "contract" backend)
+
+#: (backend, device) pairs every operator test runs on; CUDA ones on a GPU machine only.
+BACKEND_DEVICES = [
+    pytest.param(("contract", "cpu"), id="contract"),
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("triton", "cpu"), id="triton-interpreter"),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda),
+]
+
+
+@pytest.fixture(params=BACKEND_DEVICES)
+def backend_device(request):
+    """(backend, torch.device) for the op named by the test module's OP (skipped where that
+    backend cannot run it here: not built, no kernels for the op, wrong device)."""
+    backend, device = request.param
+    op = getattr(request.module, "OP")
+    reason = backends.unavailable_reason(op, backend, device)
+    if reason is not None:
+        pytest.skip(reason)
+    return backend, torch.device(device)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,25 +51,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def make_feats(batch=2, top=(4, 6), in_channels=(8, 12, 16, 24), dtype=torch.float32,
-               device="cpu", channels_last=False, seed=0, requires_grad=False):
-    """B1..B4 with B4 of spatial size `top` (the 1/32 level) and each level twice the next."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = top
-    feats = []
-    for i, c in enumerate(in_channels):
-        scale = 2 ** (3 - i)
-        t = torch.randn(batch, c, h * scale, w * scale, generator=g, dtype=torch.float64)
-        t = t.to(device=device, dtype=dtype)
-        if channels_last:
-            t = t.to(memory_format=torch.channels_last)
-        feats.append(t.requires_grad_(requires_grad))
-    return feats
-
-
 def pytest_configure(config):
     # `make test` builds the extension first; there a missing _C is a broken build, not a skip.
     if os.environ.get("LITEFPN_REQUIRE_EXT") == "1":
-        from litefpn_kernels import backends
         if backends.extension() is None:
             raise pytest.UsageError("LITEFPN_REQUIRE_EXT=1 but litefpn_kernels._C is not built")

@@ -1,8 +1,9 @@
 """Triton kernels of `up2_fuse`: out = alpha*gc*Up2(coarse) + beta*gf*fine, and its backward.
 
-Same contract as the compiled `_up2_fuse_fwd` / `_up2_fuse_bwd` (csrc/ops.cpp); called through
-`litefpn_kernels.ops` (`_kernels("triton")`), which hands over the fusion weights and gates
-contiguous and in the accumulation dtype.
+Same contract as the compiled `_up2_fuse_fwd` / `_up2_fuse_bwd` / `_up2_fuse_bwd_coarse`
+(csrc/ops.cpp), and the same entry-point names (`fwd`, `bwd`, `bwd_coarse`); called through
+`litefpn_kernels.ops` (registered in `backends/triton_kernels.py`), which hands over the fusion
+weights and gates contiguous and in the accumulation dtype.
 
 Design (one launch forward; backward one launch, plus one tiny one for the sums):
 
@@ -32,7 +33,7 @@ from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights, g
                       interpreter_plan, needs_int64, next_pow2, split_eps, up2_gather_taps,
                       up2_taps)
 
-__all__ = ["forward", "backward", "backward_coarse"]
+__all__ = ["fwd", "bwd", "bwd_coarse"]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -417,7 +418,7 @@ def plan_sum_partials(partials, sum_coarse, sum_fine):
 
 
 # ----------------------------------------------------------------------------- entry points
-def forward(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps):
+def fwd(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps):
     """out = alpha*gc*Up2(coarse) + beta*gf*fine (see module docstring); out like `fine`."""
     out = torch.empty_like(fine)
     kernel, grid, args, kwargs = plan_forward(coarse, fine, w_coarse, w_fine, gate_coarse,
@@ -427,7 +428,7 @@ def forward(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps):
     return out
 
 
-def backward(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, need_sums):
+def bwd(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, need_sums):
     """-> (grad_coarse, grad_fine, sum_coarse, sum_fine); sums are [N, C] (or [0]) in the
     accumulation dtype, unweighted and ungated, reduced in a fixed order."""
     acc = torch.float64 if fine.dtype == torch.float64 else torch.float32
@@ -452,8 +453,8 @@ def backward(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, e
     return grad_coarse, grad_fine, sum_coarse, sum_fine
 
 
-def backward_coarse(grad_out, coarse, w_coarse, w_fine, gate_coarse, eps, need_sum):
-    """The coarse half of `backward` (the same kernel, WITH_FINE=False): -> (grad_coarse,
+def bwd_coarse(grad_out, coarse, w_coarse, w_fine, gate_coarse, eps, need_sum):
+    """The coarse half of `bwd` (the same kernel, WITH_FINE=False): -> (grad_coarse,
     sum_coarse), grad_coarse = alpha*gc*Up2^T(grad_out), sum_coarse[n, c] = sum_hw
     grad_out*Up2(coarse) ([N, C] in the accumulation dtype; an empty [0] without need_sum)."""
     acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32

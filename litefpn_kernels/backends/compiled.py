@@ -1,0 +1,107 @@
+"""The `cpu` and `cuda` backends: the C++/CUDA kernels of `litefpn_kernels._C` (csrc/), whose
+schemas and contracts are in csrc/ops.cpp.
+
+A compiled op is available for a dispatch key iff every schema of its kernel set has a kernel
+for that key; this is settled once, at import (then `resolve` is plain Python over constants,
+which torch.compile traces without a graph break).
+"""
+import importlib
+import warnings
+
+import torch
+
+from .registry import (BnSiluKernels, LateralUp2FuseKernels, Up2FuseKernels, register,
+                       register_backend)
+
+#: the schemas (torch.ops.litefpn.<name>) each op's kernel set is made of.
+SCHEMAS = {
+    "up2_fuse": ("_up2_fuse_fwd", "_up2_fuse_bwd"),
+    "lateral_up2_fuse": ("_lateral_gram", "_lateral_up2_fuse_fwd", "_lateral_grad_z",
+                         "_up2_fuse_bwd_coarse"),
+    "bn_silu": ("_bn_silu_stats", "_bn_silu_fwd", "_bn_silu_bwd_sums", "_bn_silu_bwd"),
+}
+
+
+def _load_extension():
+    try:
+        return importlib.import_module("litefpn_kernels._C")
+    except ImportError as exc:
+        warnings.warn(
+            f"litefpn_kernels: the C++/CUDA extension is not built ({exc}); the 'cpu' and 'cuda' "
+            "backends are unavailable, 'eager' and 'triton' still work. Build it with "
+            "`pip install -e . --no-build-isolation`.", RuntimeWarning, stacklevel=3)
+        return None
+
+
+EXTENSION = _load_extension()
+
+
+def _has_kernel(schema, key):
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"litefpn::{schema}", key)
+    except RuntimeError:  # the schema itself is not registered
+        return False
+
+
+#: (op, dispatch key) pairs the extension has every kernel of.
+COMPILED_FOR = frozenset(
+    (op, key) for op, schemas in SCHEMAS.items() for key in ("CPU", "CUDA")
+    if EXTENSION is not None and all(_has_kernel(s, key) for s in schemas))
+
+
+def _reason_cpu(op, device):
+    if device.type != "cpu":
+        return f"the 'cpu' backend runs CPU tensors only, got a {device.type} tensor"
+    if EXTENSION is None:
+        return "the C++ extension litefpn_kernels._C is not built"
+    if (op, "CPU") not in COMPILED_FOR:
+        return f"litefpn_kernels._C has no CPU kernels for {op}"
+    return None
+
+
+def _reason_cuda(op, device):
+    if device.type != "cuda":
+        return f"the 'cuda' backend runs CUDA tensors only, got a {device.type} tensor"
+    if (op, "CUDA") not in COMPILED_FOR:
+        if EXTENSION is not None and not any(key == "CUDA" for _, key in COMPILED_FOR):
+            return ("litefpn_kernels._C was built without CUDA kernels (needs a CUDA torch and "
+                    "nvcc at build time, or FORCE_CUDA=1)")
+        if EXTENSION is None:
+            return "the C++ extension litefpn_kernels._C is not built"
+        return f"litefpn_kernels._C has no CUDA kernels for {op}"
+    return None
+
+
+register_backend("cpu", _reason_cpu)
+register_backend("cuda", _reason_cuda)
+
+
+def _up2_fuse():
+    o = torch.ops.litefpn
+    return Up2FuseKernels(fwd=o._up2_fuse_fwd, bwd=o._up2_fuse_bwd)
+
+
+def _lateral_up2_fuse():
+    o = torch.ops.litefpn
+    return LateralUp2FuseKernels(gram=o._lateral_gram, fwd=o._lateral_up2_fuse_fwd,
+                                 grad_z=o._lateral_grad_z, bwd_coarse=o._up2_fuse_bwd_coarse)
+
+
+def _bn_silu():
+    o = torch.ops.litefpn
+    return BnSiluKernels(stats=o._bn_silu_stats, fwd=o._bn_silu_fwd, bwd_sums=o._bn_silu_bwd_sums,
+                         bwd=o._bn_silu_bwd)
+
+
+#: ops whose kernels csrc/ implements per backend. An op is registered for a backend if it is
+#: listed here or the built extension has its kernels; availability is then exact per op
+#: (COMPILED_FOR), so a build without CUDA says so, and an op without CUDA kernels says "no
+#: bn_silu kernels" instead of failing in the dispatcher.
+IMPLEMENTED = {"cpu": ("up2_fuse", "lateral_up2_fuse", "bn_silu"),
+               "cuda": ("up2_fuse", "lateral_up2_fuse")}
+_FACTORIES = {"up2_fuse": _up2_fuse, "lateral_up2_fuse": _lateral_up2_fuse, "bn_silu": _bn_silu}
+
+for _backend, _key in (("cpu", "CPU"), ("cuda", "CUDA")):
+    for _op, _factory in _FACTORIES.items():
+        if _op in IMPLEMENTED[_backend] or (_op, _key) in COMPILED_FOR:
+            register(_op, _backend)(_factory)

@@ -1,0 +1,40 @@
+"""The `triton` backend: the kernels of `litefpn_kernels/triton/` (same contracts as csrc/ops.cpp,
+same entry-point names). Imported lazily, on first use: TRITON_INTERPRET must be set before
+`triton.jit` decorates anything, and importing triton is slow."""
+import importlib.util
+import os
+
+from .registry import LateralUp2FuseKernels, Up2FuseKernels, register, register_backend
+
+TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
+def interpreting():
+    """TRITON_INTERPRET=1: the Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _reason(op, device):
+    if not TRITON_IMPORTABLE:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return (f"the 'triton' backend runs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+            f"set before import; got a {device.type} tensor")
+
+
+register_backend("triton", _reason)
+
+
+@register("up2_fuse", "triton")
+def _up2_fuse():
+    from ..triton import up2_fuse as k
+    return Up2FuseKernels(fwd=k.fwd, bwd=k.bwd)
+
+
+@register("lateral_up2_fuse", "triton")
+def _lateral_up2_fuse():
+    from ..triton import lateral_up2_fuse as k
+    return LateralUp2FuseKernels(gram=k.gram, fwd=k.fwd, grad_z=k.grad_z, bwd_coarse=k.bwd_coarse)

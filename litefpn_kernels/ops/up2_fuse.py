@@ -1,0 +1,115 @@
+"""up2_fuse: ``alpha*gate_coarse*Up2(coarse) + beta*gate_fine*fine`` in one pass over memory.
+
+Order: public function -> custom op + checking fake -> backward op + checking fake -> autograd.
+Kernel contracts (`_up2_fuse_fwd`, `_up2_fuse_bwd`): csrc/ops.cpp; kernel sets: backends/.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends, eager
+from ..backends import registry
+from ..eager import FUSION_EPS
+from . import _checks
+from ._fusion import fusion_param_grads
+from ._tensor import acc_dtype, sum_shape, to_acc_contiguous
+
+
+def up2_fuse(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor] = None,
+             w_fine: Optional[Tensor] = None, *, eps: float = FUSION_EPS,
+             gate_coarse: Optional[Tensor] = None, gate_fine: Optional[Tensor] = None,
+             backend: str = "auto") -> Tensor:
+    """``alpha*gate_coarse*Up2(coarse) + beta*gate_fine*fine`` in one pass over memory.
+
+    Args:
+        coarse: [N, C, H, W]; upsampled 2x bilinearly (align_corners=False), never materialised.
+        fine: [N, C, 2H, 2W], same dtype and device.
+        w_coarse, w_fine: raw fusion parameters of shape [1] (both or neither). Given, alpha and
+            beta are their softplus-normalised values sp(w)/(sp(w_coarse)+sp(w_fine)+eps);
+            omitted, alpha = beta = 1 (plain add).
+        eps: the normalisation's epsilon.
+        gate_coarse, gate_fine: optional per-sample, per-channel gates of shape [N, C].
+        backend: "auto", "eager", "cpu", "triton" or "cuda".
+
+    Returns a tensor shaped, typed and laid out (memory format) like `fine`.
+    """
+    name = backends.resolve("up2_fuse", backend, _checks.device_of("coarse", coarse))
+    if name == "eager":
+        _checks.up2_fuse(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps)
+        return eager.up2_fuse(coarse, fine, w_coarse, w_fine, eps, gate_coarse, gate_fine)
+    return torch.ops.litefpn.up2_fuse(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine,
+                                      float(eps), name)
+
+
+# ----------------------------------------------------------------------------- forward op
+@torch.library.custom_op("litefpn::up2_fuse", mutates_args=())
+def _up2_fuse_op(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor],
+                 w_fine: Optional[Tensor], gate_coarse: Optional[Tensor],
+                 gate_fine: Optional[Tensor], eps: float, backend: str) -> Tensor:
+    _checks.up2_fuse(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps)
+    if fine.numel() == 0:
+        return torch.empty_like(fine)
+    acc = acc_dtype(fine.dtype)
+    k = registry.kernels("up2_fuse", backend)
+    return k.fwd(coarse, fine, to_acc_contiguous(w_coarse, acc), to_acc_contiguous(w_fine, acc),
+                 to_acc_contiguous(gate_coarse, acc), to_acc_contiguous(gate_fine, acc),
+                 float(eps))
+
+
+@_up2_fuse_op.register_fake
+def _(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, backend):
+    _checks.up2_fuse(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps)
+    return torch.empty_like(fine)
+
+
+# ----------------------------------------------------------------------------- backward op
+@torch.library.custom_op("litefpn::up2_fuse_backward", mutates_args=())
+def _up2_fuse_backward_op(grad_out: Tensor, coarse: Tensor, fine: Tensor,
+                          w_coarse: Optional[Tensor], w_fine: Optional[Tensor],
+                          gate_coarse: Optional[Tensor], gate_fine: Optional[Tensor],
+                          eps: float, need_sums: bool, backend: str
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad_coarse, grad_fine, sum_coarse, sum_fine); the sums ([N, C], or [0] without
+    need_sums) feed `fusion_param_grads`."""
+    acc = acc_dtype(fine.dtype)
+    if fine.numel() == 0:
+        sums = torch.zeros(sum_shape(coarse, need_sums), dtype=acc, device=fine.device)
+        return torch.zeros_like(coarse), torch.zeros_like(fine), sums, sums.clone()
+    k = registry.kernels("up2_fuse", backend)
+    return k.bwd(grad_out, coarse, fine, to_acc_contiguous(w_coarse, acc),
+                 to_acc_contiguous(w_fine, acc), to_acc_contiguous(gate_coarse, acc),
+                 to_acc_contiguous(gate_fine, acc), float(eps), need_sums)
+
+
+@_up2_fuse_backward_op.register_fake
+def _(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, need_sums, backend):
+    _checks.fake_up2_pair(coarse, fine)
+    torch._check(grad_out.shape == fine.shape, lambda: "grad_out must be shaped like fine")
+    sums = fine.new_empty(sum_shape(coarse, need_sums), dtype=acc_dtype(fine.dtype))
+    return torch.empty_like(coarse), torch.empty_like(fine), sums, torch.empty_like(sums)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, backend = inputs
+    ctx.save_for_backward(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _backward(ctx, grad_out):
+    coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_params = tuple(need[2:6])
+    grad_coarse, grad_fine, sum_coarse, sum_fine = torch.ops.litefpn.up2_fuse_backward(
+        grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, ctx.eps,
+        any(need_params), ctx.backend)
+    grad_wc = grad_wf = grad_gc = grad_gf = None
+    if any(need_params):
+        grad_wc, grad_wf, grad_gc, grad_gf = fusion_param_grads(
+            sum_coarse, sum_fine, w_coarse, w_fine, gate_coarse, gate_fine, ctx.eps, need_params)
+    return (grad_coarse if need[0] else None, grad_fine if need[1] else None,
+            grad_wc, grad_wf, grad_gc, grad_gf, None, None)
+
+
+_up2_fuse_op.register_autograd(_backward, setup_context=_setup_context)
