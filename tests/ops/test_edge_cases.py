@@ -3,17 +3,19 @@ its fix. Non-finite values must come out as eager's do."""
 import pytest
 import torch
 
-from helpers import BACKEND_DEVICES, need
 from litefpn_kernels import ops
+from tests.support.helpers import need
+
+#: a test of another op sets its own OP through need()
+OP = "up2_fuse"
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("eps", [float("inf"), 1e39], ids=["inf", "above-fp32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_up2_fuse_eps_past_fp32_range_like_eager(backend, device, eps, dtype):
+def test_up2_fuse_eps_past_fp32_range_like_eager(backend_device, eps, dtype):
     """eps = inf (or past fp32's max) makes both weights 0 in eager; Triton's two-fp32 split of
     eps gave inf + (-inf) = NaN."""
-    device = need(backend, device)
+    backend, device = backend_device
     g = torch.Generator().manual_seed(0)
     coarse = torch.randn(1, 3, 4, 5, generator=g, dtype=dtype).to(device)
     fine = torch.randn(1, 3, 8, 10, generator=g, dtype=dtype).to(device)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CPU, layout, need
+from tests.support.helpers import CPU, layout, need
 
 EPS = 1e-4
 # coarse [N, C, H, W]: fine 80 columns = one 128-wide strip (NCHW) or two 64-wide ones
@@ -26,7 +26,7 @@ SUM_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-10), torch.float32: dict(rtol
 
 @pytest.fixture
 def up2(monkeypatch, request):
-    need("triton", CPU)
+    need("up2_fuse", "triton", CPU)
     from litefpn_kernels.triton import up2_fuse as mod
     monkeypatch.setenv("LITEFPN_TRITON_PLAN", "gpu")
     if request.param == "multi-row":  # fewer target programs: ROWS = 2 of H = 5 (3 blocks)
@@ -79,10 +79,10 @@ def test_gpu_plan_forward_backward_and_sums(up2, dtype, kind):
     a, b = coefficients(small)
     c64, f64, g64 = coarse.double(), fine.double(), grad_out.double()
 
-    out = up2.forward(coarse, fine, *small.values(), EPS)
+    out = up2.fwd(coarse, fine, *small.values(), EPS)
     torch.testing.assert_close(out.double(), a * up(c64) + b * f64, **TOL[dtype])
 
-    grad_coarse, grad_fine, sum_coarse, sum_fine = up2.backward(
+    grad_coarse, grad_fine, sum_coarse, sum_fine = up2.bwd(
         grad_out, coarse, fine, *small.values(), EPS, True)
     c_leaf = c64.clone().requires_grad_()
     (want_gc,) = torch.autograd.grad(up(c_leaf), c_leaf, a * g64)
@@ -92,7 +92,7 @@ def test_gpu_plan_forward_backward_and_sums(up2, dtype, kind):
     torch.testing.assert_close(sum_fine.double(), (g64 * f64).sum((2, 3)), **SUM_TOL[dtype])
 
     # the coarse-only variant (lateral_up2_fuse's backward) is the same kernel, WITH_FINE=False
-    grad_coarse2, sum_coarse2 = up2.backward_coarse(
+    grad_coarse2, sum_coarse2 = up2.bwd_coarse(
         grad_out, coarse, small["w_coarse"], small["w_fine"], small["gate_coarse"], EPS, True)
     assert torch.equal(grad_coarse2, grad_coarse) and torch.equal(sum_coarse2, sum_coarse)
 
@@ -100,15 +100,15 @@ def test_gpu_plan_forward_backward_and_sums(up2, dtype, kind):
 @pytest.mark.parametrize("up2", ["one-row"], indirect=True)
 def test_gpu_plan_sums_are_deterministic(up2):
     coarse, fine, grad_out, small = inputs(torch.float32, "channels_last", seed=3)
-    first = up2.backward(grad_out, coarse, fine, *small.values(), EPS, True)
-    second = up2.backward(grad_out, coarse, fine, *small.values(), EPS, True)
+    first = up2.bwd(grad_out, coarse, fine, *small.values(), EPS, True)
+    second = up2.bwd(grad_out, coarse, fine, *small.values(), EPS, True)
     assert all(torch.equal(x, y) for x, y in zip(first, second))
 
 
 def test_plan_switch_rejects_unknown_values(monkeypatch):
-    need("triton", CPU)
+    need("up2_fuse", "triton", CPU)
     from litefpn_kernels.triton import up2_fuse as mod
     coarse, fine, _, _ = inputs(torch.float32, "contiguous")
     monkeypatch.setenv("LITEFPN_TRITON_PLAN", "fast")
     with pytest.raises(RuntimeError, match="LITEFPN_TRITON_PLAN"):
-        mod.forward(coarse, fine, None, None, None, None, EPS)
+        mod.fwd(coarse, fine, None, None, None, None, EPS)
