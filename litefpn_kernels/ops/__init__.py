@@ -15,11 +15,16 @@ composition (`litefpn_kernels.eager`), the reference every backend is tested aga
 
 Private modules: `_checks` (argument validation, once per call), `_batch_norm` (moments,
 running statistics, folded affine), `_fusion` (fusion-weight and gate gradients), `_tensor`
-(accumulation dtype, output memory format).
+(accumulation dtype, output memory format), `_autograd_support` (clear errors for the autograd
+features the fused kernels lack: forward mode, torch.func transforms, double backward).
 """
+from ._autograd_support import forbid_double_backward
 from ._tensor import acc_dtype
 from .bn_silu import bn_silu
 from .lateral_up2_fuse import lateral_up2_fuse
 from .up2_fuse import up2_fuse
+
+for _op in ("up2_fuse", "lateral_up2_fuse", "bn_silu"):
+    forbid_double_backward(_op)
 
 __all__ = ["up2_fuse", "lateral_up2_fuse", "bn_silu"]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import backends, eager
 from ..backends import registry
-from . import _batch_norm, _checks
+from . import _autograd_support, _batch_norm, _checks
 from ._tensor import acc_dtype, empty_in_format
 
 
@@ -31,6 +31,8 @@ def bn_silu(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optiona
     extension is built, else "eager" (no GPU kernels yet).
     """
     name = backends.resolve("bn_silu", backend, _checks.device_of("x", x))
+    if name != "eager":
+        _autograd_support.check_supported("bn_silu", x, bn_weight, bn_bias)
     _checks.momentum_value(momentum)  # the op does not take it: checked here, on every path
     if name == "eager":
         _checks.bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps)

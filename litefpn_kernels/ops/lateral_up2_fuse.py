@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import backends, eager
 from ..backends import registry
 from ..eager import FUSION_EPS, fusion_weights
-from . import _batch_norm, _checks
+from . import _autograd_support, _batch_norm, _checks
 from ._fusion import fusion_param_grads
 from ._tensor import acc_dtype, empty_in_format, like_param, sum_shape, to_acc_contiguous
 
@@ -39,6 +39,9 @@ def lateral_up2_fuse(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: 
     the rest as in `up2_fuse`. The output has z's dtype and memory format.
     """
     name = backends.resolve("lateral_up2_fuse", backend, _checks.device_of("z", z))
+    if name != "eager":
+        _autograd_support.check_supported("lateral_up2_fuse", coarse, z, conv_weight, bn_weight,
+                                          bn_bias, w_coarse, w_fine, gate_coarse, gate_fine)
     if name == "eager":
         _checks.lateral_up2_fuse(coarse, z, conv_weight, bn_weight, bn_bias, running_mean,
                                  running_var, training, momentum, bn_eps, w_coarse, w_fine,

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import backends, eager
 from ..backends import registry
 from ..eager import FUSION_EPS
-from . import _checks
+from . import _autograd_support, _checks
 from ._fusion import fusion_param_grads
 from ._tensor import acc_dtype, sum_shape, to_acc_contiguous
 
@@ -35,6 +35,8 @@ def up2_fuse(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor] = None,
     Returns a tensor shaped, typed and laid out (memory format) like `fine`.
     """
     name = backends.resolve("up2_fuse", backend, _checks.device_of("coarse", coarse))
+    if name != "eager":
+        _autograd_support.check_supported("up2_fuse", coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine)
     if name == "eager":
         _checks.up2_fuse(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps)
         return eager.up2_fuse(coarse, fine, w_coarse, w_fine, eps, gate_coarse, gate_fine)
