@@ -59,9 +59,44 @@ def _reason_cpu(op, device):
     return None
 
 
+def arch_covered(capability, archs):
+    """Whether a build for `archs` (compute capabilities x10, e.g. [80, 90]) runs on a GPU of
+    `capability` (x10): SASS of an arch runs on later minors of its major (80 on 86, 89), and
+    the highest arch's PTX (embedded by setup.py's default) JIT-compiles on any newer GPU."""
+    return any(a // 10 == capability // 10 and a <= capability for a in archs) or (
+        bool(archs) and capability >= max(archs))
+
+
+def _uncovered_cuda_devices():
+    """{device index: why the CUDA kernels cannot run there} for the visible GPUs, settled at
+    import (a GPU build only: it reads each device's capability, which initialises CUDA)."""
+    if not any(key == "CUDA" for _, key in COMPILED_FOR) or not torch.cuda.is_available():
+        return {}
+    archs = list(torch.ops.litefpn._cuda_archs())
+    uncovered = {}
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        if not arch_covered(10 * major + minor, archs):
+            uncovered[index] = (
+                f"litefpn_kernels._C has no code for cuda:{index}'s sm_{major}{minor} (built for "
+                f"{', '.join(f'sm_{a}' for a in archs)}); rebuild with TORCH_CUDA_ARCH_LIST="
+                f"\"{major}.{minor}\"")
+    if uncovered:
+        warnings.warn(f"litefpn_kernels: {'; '.join(uncovered.values())}. backend='auto' uses "
+                      "triton (or eager) there.", RuntimeWarning, stacklevel=3)
+    return uncovered
+
+
+UNCOVERED_CUDA_DEVICES = _uncovered_cuda_devices()
+
+
 def _reason_cuda(op, device):
     if device.type != "cuda":
         return f"the 'cuda' backend runs CUDA tensors only, got a {device.type} tensor"
+    if UNCOVERED_CUDA_DEVICES:  # empty (no lookup) unless a visible GPU is not covered
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index in UNCOVERED_CUDA_DEVICES:
+            return UNCOVERED_CUDA_DEVICES[index]
     if (op, "CUDA") not in COMPILED_FOR:
         if EXTENSION is not None and not any(key == "CUDA" for _, key in COMPILED_FOR):
             return ("litefpn_kernels._C was built without CUDA kernels (needs a CUDA torch and "
