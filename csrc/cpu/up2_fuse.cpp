@@ -3,9 +3,9 @@
 //
 // This file is the torch-facing half: argument checks, output allocation, the fusion weights,
 // choice of layout path and of instruction set, and the at::parallel_for over work units. The
-// arithmetic lives in up2_fuse_impl.h, compiled once per instruction set
-// (up2_fuse_kernels_default.cpp, up2_fuse_kernels_avx2.cpp) and picked with pick_isa_table
-// (cpu_isa.h): the AVX2 variant wherever cpu_isa() allows AVX2 (there is no AVX-512 one).
+// arithmetic lives in up2_fuse_impl.h, compiled once per instruction set (csrc/cpu/isa/
+// default.cpp, isa/avx2.cpp) and picked with pick_kernel_table (cpu/isa/kernel_tables.h): the
+// AVX2 variant wherever cpu_isa() allows AVX2 (there is no AVX-512 one).
 //
 // Paths (see up2_fuse_impl.h): "nhwc" when the fine-side output (out / grad_fine) has unit
 // channel stride and C > 1 (channels_last), else "plane" (NCHW, and every other layout). Inside
@@ -24,10 +24,11 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu_isa.h"
+#include "cpu/common/tensor_view.h"
+#include "cpu/common/torch_glue.h"
+#include "cpu/isa/kernel_tables.h"
+#include "cpu/up2_fuse_kernels.h"
 #include "litefpn_math.h"
-#include "torch_glue.h"
-#include "up2_fuse_kernels.h"
 
 namespace litefpn {
 namespace cpu {
@@ -36,9 +37,7 @@ namespace {
 using at::Tensor;
 
 const Up2KernelTable& kernels() {
-  static const Up2KernelTable* table =
-      pick_isa_table(up2_kernel_table_default(), up2_kernel_table_avx2(),
-                     static_cast<const Up2KernelTable*>(nullptr));
+  static const Up2KernelTable* table = pick_kernel_table(&IsaKernelTables::up2_fuse);
   return *table;
 }
 
