@@ -14,12 +14,10 @@
 // copy of a whole activation.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -129,11 +127,12 @@ void plane_scales(const std::optional<Tensor>& w_coarse, const std::optional<Ten
 
 template <typename acc_t>
 void run_units(Up2Fn fn, const Up2Args& a, bool bwd, bool nhwc, int64_t units) {
-  const int64_t scratch_elems = up2_scratch_layout(bwd, nhwc, a.W, a.C).total();
-  at::parallel_for(0, units, grain_units(a, nhwc), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<acc_t[]> scratch(new acc_t[scratch_elems]);
-    fn(a, begin, end, scratch.get());
-  });
+  const int64_t scratch_bytes =
+      up2_scratch_layout(bwd, nhwc, a.W, a.C).total() * int64_t(sizeof(acc_t));
+  parallel_with_scratch(units, grain_units(a, nhwc), scratch_bytes,
+                        [&](int64_t begin, int64_t end, void* scratch) {
+                          fn(a, begin, end, scratch);
+                        });
 }
 
 // ----------------------------------------------------------------------------- forward
