@@ -7,7 +7,7 @@
 
 #include <string>
 
-#include "cpu/cpu_isa.h"
+#include "cpu/common/cpu_isa.h"
 
 // `import litefpn_kernels._C` loads this library, which runs the registrations below.
 extern "C" PyObject* PyInit__C(void) {
@@ -15,6 +15,8 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+// Kernels of up2_fuse (out = alpha*Up2(coarse) + beta*fine, optionally gated), and the coarse
+// half of its backward that lateral_up2_fuse reuses.
 TORCH_LIBRARY_FRAGMENT(litefpn, m) {
   // out = alpha*gate_coarse*Up2(coarse) + beta*gate_fine*fine; alpha, beta from the raw weights
   // (both or neither given), computed inside the kernel.
@@ -26,6 +28,11 @@ TORCH_LIBRARY_FRAGMENT(litefpn, m) {
   m.def("_up2_fuse_bwd(Tensor grad_out, Tensor coarse, Tensor fine, Tensor? w_coarse, "
         "Tensor? w_fine, Tensor? gate_coarse, Tensor? gate_fine, float eps, bool need_sums) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The coarse half of up2_fuse's backward, for lateral_up2_fuse's backward (whose fine side is
+  // folded into _lateral_grad_z): grad_coarse = alpha*gc*Up2^T(grad_out) and, with need_sum,
+  // sum_coarse[n,c] = sum_hw grad_out*Up2(coarse) (else an empty [0] tensor).
+  m.def("_up2_fuse_bwd_coarse(Tensor grad_out, Tensor coarse, Tensor? w_coarse, Tensor? w_fine, "
+        "Tensor? gate_coarse, float eps, bool need_sum) -> (Tensor, Tensor)");
 }
 
 // Kernels of lateral_up2_fuse (one top-down level: up2_fuse(coarse, BN(conv1x1(z)))). The
@@ -45,10 +52,6 @@ TORCH_LIBRARY_FRAGMENT(litefpn, m) {
   // scale None (1) or [N,C]; quad None or [Cin,Cin]; shift None or [Cin]; grad_z like z.
   m.def("_lateral_grad_z(Tensor grad_out, Tensor z, Tensor weight, Tensor? scale, Tensor? quad, "
         "Tensor? shift) -> Tensor");
-  // The coarse half of up2_fuse's backward: grad_coarse = alpha*gc*Up2^T(grad_out) and, with
-  // need_sum, sum_coarse[n,c] = sum_hw grad_out*Up2(coarse) (else an empty [0] tensor).
-  m.def("_up2_fuse_bwd_coarse(Tensor grad_out, Tensor coarse, Tensor? w_coarse, Tensor? w_fine, "
-        "Tensor? gate_coarse, float eps, bool need_sum) -> (Tensor, Tensor)");
 }
 
 // Kernels of bn_silu: BatchNorm2d + SiLU, y = silu(x*scale + shift) with scale, shift folded
@@ -75,7 +78,7 @@ TORCH_LIBRARY_FRAGMENT(litefpn, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(litefpn, m) {
-  // The instruction set the CPU kernels are picked for (csrc/cpu/cpu_isa.h): "default", "avx2"
+  // The instruction set the CPU kernels are picked for (csrc/cpu/common/cpu_isa.h): "default", "avx2"
   // or "avx512"; a kernel family without that variant runs its next narrower one.
   m.def("_cpu_isa() -> str",
         [] { return std::string(litefpn::cpu::cpu_isa_name(litefpn::cpu::cpu_isa())); });

@@ -6,8 +6,8 @@
 // This file is the torch-facing half: argument checks, output allocation, the work split, the
 // choice of layout path and instruction set, the at::parallel_for over work units and the
 // fixed-order combination of the per-unit partial sums. The arithmetic is in bn_silu_impl.h,
-// compiled per instruction set (bn_silu_kernels_{default,avx2,avx512}.cpp) and picked
-// with pick_isa_table (cpu_isa.h; LITEFPN_CPU_ISA caps the choice).
+// compiled per instruction set (csrc/cpu/isa/{default,avx2,avx512}.cpp) and picked with
+// pick_kernel_table (cpu/isa/kernel_tables.h; LITEFPN_CPU_ISA caps the choice).
 //
 // Paths (see bn_silu_impl.h): the ops with an output follow the output's layout, the sums-only
 // ops follow x's: "nhwc" when that tensor has unit channel stride (and C > 1), else "plane".
@@ -27,10 +27,10 @@
 #include <tuple>
 #include <vector>
 
-#include "bn_silu_kernels.h"
-#include "cpu_isa.h"
-#include "torch_glue.h"
-#include "up2_fuse_kernels.h"
+#include "cpu/bn_silu_kernels.h"
+#include "cpu/common/tensor_view.h"
+#include "cpu/common/torch_glue.h"
+#include "cpu/isa/kernel_tables.h"
 
 namespace litefpn {
 namespace cpu {
@@ -39,9 +39,7 @@ namespace {
 using at::Tensor;
 
 const BnSiluKernelTable& bn_kernels() {
-  static const BnSiluKernelTable* table =
-      pick_isa_table(bn_silu_kernel_table_default(), bn_silu_kernel_table_avx2(),
-                     bn_silu_kernel_table_avx512());
+  static const BnSiluKernelTable* table = pick_kernel_table(&IsaKernelTables::bn_silu);
   return *table;
 }
 

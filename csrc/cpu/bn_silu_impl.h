@@ -1,9 +1,9 @@
 // The CPU compute kernels of bn_silu (training-mode BatchNorm2d + SiLU), written once and
-// compiled once per instruction set: bn_silu_kernels_<isa>.cpp includes this file INSIDE its own
-// namespace (litefpn::cpu::bn_isa_<isa>), after its target pragma and after the helpers of
-// up2_fuse_impl.h (LITEFPN_UP2_HELPERS_ONLY: to_acc / put conversions, row and pixel-row loads
-// and stores, Acc, Lanes, reduce_lanes). Hence no #include and no #pragma once here, and
-// everything is `static` or in that per-ISA namespace.
+// compiled once per instruction set: csrc/cpu/isa/<isa>.cpp includes this file INSIDE its own
+// namespace (litefpn::cpu::isa_<isa>), after its target pragma and after the helpers of
+// common/row_io.h (to_acc / put conversions, row and pixel-row loads and stores, Acc, Lanes,
+// reduce_lanes). Hence no #include and no #pragma once here, and everything is `static` or in
+// that per-ISA namespace.
 //
 // Math (all in acc_t: float, or double for double storage), per element of channel c:
 //   a  = x*scale[c] + shift[c]
@@ -30,12 +30,8 @@
 // Block sums are added into the unit's double sums, block by block (all in a fixed order).
 // Units never share a reduction: the caller combines the per-unit partials in a fixed order.
 
-#ifndef LITEFPN_BN_AVX512  // set by bn_silu_kernels_avx512.cpp
-#define LITEFPN_BN_AVX512 0
-#endif
-
 // ----------------------------------------------------------------------------- exp (AVX2)
-#if LITEFPN_UP2_F16C
+#if LITEFPN_ISA_AVX2
 // exp(x) for 8 floats: Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2 (ln2 split in a 9-bit
 // high part, so n*ln2_hi is exact for |n| <= 150), Cephes' degree-7 expf polynomial in r (about
 // 1 ulp), scaling by 2^n as 2^(n/2) * 2^(n - n/2) so that both factors are normal floats and the
@@ -89,7 +85,7 @@ static inline __m256i bn_tail_mask(int64_t r) {
 }
 #endif
 
-#if LITEFPN_BN_AVX512
+#if LITEFPN_ISA_AVX512
 // bn_exp8, bn_silu8 and bn_dz8 on 16 floats: the same operations in the same order, so the
 // AVX-512 build gives the AVX2 build's bits.
 static inline __m512 bn_exp16(__m512 x) {
@@ -155,7 +151,7 @@ static inline void dz_flat(T* __restrict a, const T* __restrict g, int64_t n) {
   }
 }
 
-#if LITEFPN_BN_AVX512
+#if LITEFPN_ISA_AVX512
 // The float overloads (preferred to the templates): 16 at a time, the tail masked (so every
 // element goes through the same vector code, wherever it lies in a block).
 static inline void silu_flat(float* __restrict a, int64_t n) {
@@ -177,7 +173,7 @@ static inline void dz_flat(float* __restrict a, const float* __restrict g, int64
     _mm512_mask_storeu_ps(a + i, m, v);
   }
 }
-#elif LITEFPN_UP2_F16C
+#elif LITEFPN_ISA_AVX2
 // The float overloads (preferred to the templates): 8 at a time, the tail masked (so every
 // element goes through the same vector code, wherever it lies in a block).
 static inline void silu_flat(float* __restrict a, int64_t n) {
@@ -271,7 +267,7 @@ static inline void dz_sums_lanes(T* __restrict l1, T* __restrict l2, const T* __
   }
 }
 
-#if LITEFPN_BN_AVX512
+#if LITEFPN_ISA_AVX512
 // The float overloads of the two lane-wise sums: the same 16 lanes in one vector, so the same
 // additions in the same order as the templates and the AVX2 overloads below.
 static inline void stats_lanes(float* __restrict l1, float* __restrict l2,
@@ -311,7 +307,7 @@ static inline void dz_sums_lanes(float* __restrict l1, float* __restrict l2,
     l2[k] = std::fma(dz[i + k], x[i + k] - ce, l2[k]);
   }
 }
-#elif LITEFPN_UP2_F16C
+#elif LITEFPN_ISA_AVX2
 // The float overloads of the two lane-wise sums: the same 16 lanes (lanes 0-7 and 8-15 in two
 // vectors), written out because GCC vectorises the templates' outer loop with permutes instead
 // (several times slower; the baseline build keeps the templates).
@@ -669,7 +665,7 @@ static void nhwc_kernel(const BnSiluArgs& a, int64_t begin, int64_t end, void* s
   {kernel<op, float>, kernel<op, double>, kernel<op, c10::Half>, kernel<op, c10::BFloat16>}
 
 static const BnSiluKernelTable kBnTable = {
-    LITEFPN_UP2_ISA_NAME,
+    LITEFPN_ISA_NAME,
     {LITEFPN_BN_ROW(plane_kernel, kBnStats), LITEFPN_BN_ROW(plane_kernel, kBnFwd),
      LITEFPN_BN_ROW(plane_kernel, kBnBwdSums), LITEFPN_BN_ROW(plane_kernel, kBnBwd)},
     {LITEFPN_BN_ROW(nhwc_kernel, kBnStats), LITEFPN_BN_ROW(nhwc_kernel, kBnFwd),

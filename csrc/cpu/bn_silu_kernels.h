@@ -1,8 +1,7 @@
 // Interface between the torch-facing CPU operators of bn_silu (bn_silu.cpp: _bn_silu_stats,
 // _bn_silu_fwd, _bn_silu_bwd_sums, _bn_silu_bwd) and their compute kernels (bn_silu_impl.h),
-// compiled once per instruction set like up2_fuse's (bn_silu_kernels_default.cpp,
-// bn_silu_kernels_avx2.cpp, bn_silu_kernels_avx512.cpp; picked with pick_isa_table of
-// cpu_isa.h). Plain data only.
+// compiled once per instruction set like up2_fuse's (csrc/cpu/isa/{default,avx2,avx512}.cpp;
+// picked with pick_kernel_table of cpu/isa/kernel_tables.h). Plain data only.
 //
 // x [N, C, H, W] is walked as N*C planes of H*W positions (plane path) or as N images of H*W
 // pixels of C channels (nhwc path). The work is split into units fixed by the shape, never by
@@ -14,7 +13,7 @@
 
 #include <cstdint>
 
-#include "up2_fuse_kernels.h"  // Up2View, the dtype indices
+#include "cpu/common/tensor_view.h"  // TensorView4, StorageDType
 
 namespace litefpn {
 namespace cpu {
@@ -39,7 +38,7 @@ constexpr int64_t kBnBlockMaxPixels = 256;
 struct BnSiluArgs {
   int64_t N, C, H, W;
   // x always; g = grad_out (kBnBwdSums, kBnBwd); out = y (kBnFwd) or grad_x (kBnBwd).
-  Up2View x, g, out;
+  TensorView4 x, g, out;
   // [C] accumulation-dtype vectors (nullptr where the op has none).
   const void* scale;
   const void* shift;
@@ -61,14 +60,9 @@ using BnSiluFn = void (*)(const BnSiluArgs& args, int64_t begin, int64_t end, vo
 
 struct BnSiluKernelTable {
   const char* isa;
-  BnSiluFn plane[kBnNumOps][kUp2NumDTypes];
-  BnSiluFn nhwc[kBnNumOps][kUp2NumDTypes];
+  BnSiluFn plane[kBnNumOps][kNumStorageDTypes];
+  BnSiluFn nhwc[kBnNumOps][kNumStorageDTypes];
 };
-
-const BnSiluKernelTable* bn_silu_kernel_table_default();
-// nullptr where the variant is not compiled (non-x86 builds).
-const BnSiluKernelTable* bn_silu_kernel_table_avx2();
-const BnSiluKernelTable* bn_silu_kernel_table_avx512();
 
 inline int64_t bn_round16(int64_t n) { return (n + 15) & ~int64_t(15); }
 

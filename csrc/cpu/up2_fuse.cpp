@@ -3,9 +3,9 @@
 //
 // This file is the torch-facing half: argument checks, output allocation, the fusion weights,
 // choice of layout path and of instruction set, and the at::parallel_for over work units. The
-// arithmetic lives in up2_fuse_impl.h, compiled once per instruction set
-// (up2_fuse_kernels_default.cpp, up2_fuse_kernels_avx2.cpp) and picked with pick_isa_table
-// (cpu_isa.h): the AVX2 variant wherever cpu_isa() allows AVX2 (there is no AVX-512 one).
+// arithmetic lives in up2_fuse_impl.h, compiled once per instruction set (csrc/cpu/isa/
+// default.cpp, isa/avx2.cpp) and picked with pick_kernel_table (cpu/isa/kernel_tables.h): the
+// AVX2 variant wherever cpu_isa() allows AVX2 (there is no AVX-512 one).
 //
 // Paths (see up2_fuse_impl.h): "nhwc" when the fine-side output (out / grad_fine) has unit
 // channel stride and C > 1 (channels_last), else "plane" (NCHW, and every other layout). Inside
@@ -14,20 +14,19 @@
 // copy of a whole activation.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
 
-#include "cpu_isa.h"
+#include "cpu/common/tensor_view.h"
+#include "cpu/common/torch_glue.h"
+#include "cpu/isa/kernel_tables.h"
+#include "cpu/up2_fuse_kernels.h"
 #include "litefpn_math.h"
-#include "torch_glue.h"
-#include "up2_fuse_kernels.h"
 
 namespace litefpn {
 namespace cpu {
@@ -36,9 +35,7 @@ namespace {
 using at::Tensor;
 
 const Up2KernelTable& kernels() {
-  static const Up2KernelTable* table =
-      pick_isa_table(up2_kernel_table_default(), up2_kernel_table_avx2(),
-                     static_cast<const Up2KernelTable*>(nullptr));
+  static const Up2KernelTable* table = pick_kernel_table(&IsaKernelTables::up2_fuse);
   return *table;
 }
 
@@ -130,11 +127,12 @@ void plane_scales(const std::optional<Tensor>& w_coarse, const std::optional<Ten
 
 template <typename acc_t>
 void run_units(Up2Fn fn, const Up2Args& a, bool bwd, bool nhwc, int64_t units) {
-  const int64_t scratch_elems = up2_scratch_layout(bwd, nhwc, a.W, a.C).total();
-  at::parallel_for(0, units, grain_units(a, nhwc), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<acc_t[]> scratch(new acc_t[scratch_elems]);
-    fn(a, begin, end, scratch.get());
-  });
+  const int64_t scratch_bytes =
+      up2_scratch_layout(bwd, nhwc, a.W, a.C).total() * int64_t(sizeof(acc_t));
+  parallel_with_scratch(units, grain_units(a, nhwc), scratch_bytes,
+                        [&](int64_t begin, int64_t end, void* scratch) {
+                          fn(a, begin, end, scratch);
+                        });
 }
 
 // ----------------------------------------------------------------------------- forward

@@ -1,22 +1,16 @@
 // Interface between the torch-facing CPU operator (up2_fuse.cpp) and the compute kernels of
-// up2_fuse (up2_fuse_impl.h), which are compiled once per instruction set
-// (up2_fuse_kernels_default.cpp: the build's baseline; up2_fuse_kernels_avx2.cpp: AVX2+FMA+F16C,
-// picked at run time when the CPU has them). Plain data only: no torch types cross this line.
+// up2_fuse (up2_fuse_impl.h), which are compiled once per instruction set (csrc/cpu/isa/
+// default.cpp: the build's baseline; isa/avx2.cpp: AVX2+FMA+F16C, picked at run time when the
+// CPU has them; there is no AVX-512 variant, isa/avx512.cpp leaves it out and the AVX2 one runs
+// there). Plain data only: no torch types cross this line.
 #pragma once
 
 #include <cstdint>
 
+#include "cpu/common/tensor_view.h"
+
 namespace litefpn {
 namespace cpu {
-
-// Storage dtypes the kernels take, as an index into the kernel tables.
-enum Up2DType : int { kUp2F32 = 0, kUp2F64 = 1, kUp2F16 = 2, kUp2BF16 = 3, kUp2NumDTypes = 4 };
-
-// A 4-D [N, C, H, W] tensor view: data pointer and strides in elements (any, zero included).
-struct Up2View {
-  void* data;
-  int64_t s[4];
-};
 
 // One launch. Sizes are the COARSE ones (fine is [N, C, 2H, 2W]). The work is split into units
 // of `rows_per_chunk` coarse rows (and the fine rows 2i, 2i+1 of each coarse row i):
@@ -28,8 +22,8 @@ struct Up2Args {
   int64_t rows_per_chunk, nchunks;
   // forward: coarse, fine -> out;  backward: grad_out, coarse, fine -> grad_coarse, grad_fine
   // (backward with grad_fine.data == nullptr: the coarse half only; fine is not read)
-  Up2View coarse, fine, out;
-  Up2View grad_out, grad_coarse, grad_fine;
+  TensorView4 coarse, fine, out;
+  TensorView4 grad_out, grad_coarse, grad_fine;
   // [N*C] per-plane scales in the accumulation dtype: ca = alpha*gate_coarse, cb = beta*gate_fine.
   const void* ca;
   const void* cb;
@@ -44,15 +38,11 @@ using Up2Fn = void (*)(const Up2Args& args, int64_t begin, int64_t end, void* sc
 
 struct Up2KernelTable {
   const char* isa;
-  Up2Fn fwd_plane[kUp2NumDTypes];
-  Up2Fn fwd_nhwc[kUp2NumDTypes];
-  Up2Fn bwd_plane[kUp2NumDTypes];
-  Up2Fn bwd_nhwc[kUp2NumDTypes];
+  Up2Fn fwd_plane[kNumStorageDTypes];
+  Up2Fn fwd_nhwc[kNumStorageDTypes];
+  Up2Fn bwd_plane[kNumStorageDTypes];
+  Up2Fn bwd_nhwc[kNumStorageDTypes];
 };
-
-const Up2KernelTable* up2_kernel_table_default();
-// nullptr where the AVX2 variant is not compiled (non-x86 builds).
-const Up2KernelTable* up2_kernel_table_avx2();
 
 // Scratch of one task (one at::parallel_for range), in accumulation-dtype elements: a sequence
 // of segments, each rounded up to 16 elements (64 bytes for float).

@@ -1,6 +1,6 @@
-// Torch-side helpers shared by the CPU operators (up2_fuse.cpp, lateral.cpp, bn_silu.cpp): the
-// kernel-table dtype index, the accumulation dtype, the plain strided view the kernels take, the
-// allocation of activation-sized outputs and the parallel loop with per-task scratch.
+// Torch-side helpers shared by the CPU operators (up2_fuse.cpp, lateral_up2_fuse.cpp,
+// bn_silu.cpp): the kernel-table dtype index, the accumulation dtype, the plain strided view the
+// kernels take (TensorView4, common/tensor_view.h), the allocation of activation-sized outputs and the parallel loop with per-task scratch.
 //
 // Outputs (out, grad_coarse, grad_fine, grad_z, ...): at::empty / at::empty_like, then, for large
 // ones, a transparent-huge-page hint.
@@ -29,18 +29,18 @@
 #include <sys/mman.h>
 #endif
 
-#include "up2_fuse_kernels.h"
+#include "cpu/common/tensor_view.h"
 
 namespace litefpn {
 namespace cpu {
 
-// Index into the kernel tables (Up2DType), -1 for an unsupported dtype.
+// Index into the kernel tables (StorageDType), -1 for an unsupported dtype.
 inline int dtype_index(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return kUp2F32;
-    case at::kDouble: return kUp2F64;
-    case at::kHalf: return kUp2F16;
-    case at::kBFloat16: return kUp2BF16;
+    case at::kFloat: return StorageDType::kF32;
+    case at::kDouble: return StorageDType::kF64;
+    case at::kHalf: return StorageDType::kF16;
+    case at::kBFloat16: return StorageDType::kBF16;
     default: return -1;
   }
 }
@@ -50,8 +50,8 @@ inline at::ScalarType acc_scalar_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline Up2View view_of(const at::Tensor& t) {
-  Up2View v;
+inline TensorView4 view_of(const at::Tensor& t) {
+  TensorView4 v;
   v.data = const_cast<void*>(t.const_data_ptr());
   for (int d = 0; d < 4; ++d) v.s[d] = t.stride(d);
   return v;

@@ -1,8 +1,8 @@
 // The CPU compute kernels of lateral_up2_fuse: _lateral_gram, _lateral_up2_fuse_fwd and
 // _lateral_grad_z (schemas in csrc/ops.cpp). Like up2_fuse_impl.h, this file is included INSIDE a
-// per-ISA namespace (lateral_kernels_<isa>.cpp), after up2_fuse_impl.h, whose helpers it uses
-// (to_acc / put conversions, load_row / store_row / load_prow / store_prow): no #include, no
-// #pragma once, everything static or in that namespace.
+// per-ISA namespace (csrc/cpu/isa/<isa>.cpp), after common/row_io.h, whose helpers it uses
+// (to_acc / put conversions, load_row / store_row / load_prow / store_prow, row_blend2, Lanes /
+// reduce_lanes): no #include, no #pragma once, everything static or in that namespace.
 //
 // One micro-kernel serves every GEMM here:
 //     acc[r][v] += S(r, k) * R[k][v*L .. v*L+L)      r < MR, v < NV, k < K
@@ -32,15 +32,12 @@
 // the ABI note GCC gives about passing them without AVX does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
-// LITEFPN_LAT_AVX512 (set by lateral_kernels_avx512.cpp): 64-byte vectors (16 floats, 8
-// doubles) and AVX-512 intrinsics; else 32-byte vectors (AVX2 intrinsics with LITEFPN_UP2_F16C,
+// LITEFPN_ISA_AVX512 (1 in isa/avx512.cpp): 64-byte vectors (16 floats, 8
+// doubles) and AVX-512 intrinsics; else 32-byte vectors (AVX2 intrinsics with LITEFPN_ISA_AVX2,
 // plain vector arithmetic in the baseline build). The tile shape and every sum's order are the
 // same for every width; the last bits can still differ between builds where the compiler
 // contracts an epilogue's a*b + c into an FMA differently (seen in the plane paths).
-#ifndef LITEFPN_LAT_AVX512
-#define LITEFPN_LAT_AVX512 0
-#endif
-constexpr int kLatVecBytes = LITEFPN_LAT_AVX512 ? 64 : 32;
+constexpr int kLatVecBytes = LITEFPN_ISA_AVX512 ? 64 : 32;
 template <typename T>
 struct LatVec {
   typedef T type __attribute__((vector_size(kLatVecBytes)));
@@ -59,7 +56,7 @@ static inline __attribute__((always_inline)) void lv_store(T* p, typename LatVec
 }
 // broadcast (vbroadcastss / vbroadcastsd: element-wise construction compiles to inserts) and
 // a*b + c (an explicit FMA: one rounding, whatever the compiler's contraction does)
-#if LITEFPN_LAT_AVX512
+#if LITEFPN_ISA_AVX512
 static inline __attribute__((always_inline)) LatVec<float>::type lv_set1_(float s) {
   return _mm512_set1_ps(s);
 }
@@ -76,7 +73,7 @@ static inline __attribute__((always_inline)) LatVec<double>::type lv_fma(LatVec<
                                                                           LatVec<double>::type c) {
   return _mm512_fmadd_pd(a, b, c);
 }
-#elif LITEFPN_UP2_F16C
+#elif LITEFPN_ISA_AVX2
 static inline __attribute__((always_inline)) LatVec<float>::type lv_set1_(float s) {
   return _mm256_set1_ps(s);
 }
@@ -264,7 +261,7 @@ static void lat_pack(acc_t* __restrict dst, int64_t T, const scalar_t* __restric
 // a centre per r) as rows along the source's unit-stride dimension, so the copy is contiguous:
 //   s_r == 1: dst[k*ld + r], S strides (sr, sk) = (1, ld)
 //   else:     dst[r*ld + k], S strides (sr, sk) = (ld, 1)
-// ld = lat_stage_ld(n) (lateral_kernels.h): rows whose starts do not alias in the cache sets;
+// ld = lat_stage_ld(n) (lateral_up2_fuse_kernels.h): rows whose starts do not alias in the cache sets;
 // lat_stage_elems bounds the size.
 
 template <typename acc_t, typename scalar_t>
@@ -312,7 +309,7 @@ static inline int64_t lat_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // ----------------------------------------------------------------------------- gram
 // Sum of n contiguous values in a fixed order: lane k takes the elements x with x % L == k, the
-// lanes are combined by a fixed pairwise tree (Lanes / reduce_lanes of up2_fuse_impl.h).
+// lanes are combined by a fixed pairwise tree (Lanes / reduce_lanes of common/row_io.h).
 template <typename T>
 static inline T lat_sum_lanes(const T* __restrict x, int64_t n) {
   constexpr int L = Lanes<T>::L;
@@ -842,7 +839,7 @@ static void lat_grad_z_nhwc(const LatGradZArgs& a, int64_t begin, int64_t end, v
 
 // ----------------------------------------------------------------------------- table
 static const LatKernelTable kLatTable = {
-    LITEFPN_UP2_ISA_NAME,
+    LITEFPN_ISA_NAME,
     kLatVecBytes,
     {lat_gram<float>, lat_gram<double>, lat_gram<c10::Half>, lat_gram<c10::BFloat16>},
     {lat_fwd_plane<float>, lat_fwd_plane<double>, lat_fwd_plane<c10::Half>,

@@ -4,12 +4,12 @@
 //
 // This file is the torch-facing half: argument checks, output allocation, the small per-call
 // tables (fusion weights x gates per (n, c), transposed / padded weights), the work split and
-// the fixed-order combination of the gram partials. The arithmetic is in lateral_impl.h,
-// compiled per instruction set (lateral_kernels_{default,avx2,avx512}.cpp) and
-// picked with pick_isa_table (cpu_isa.h; LITEFPN_CPU_ISA caps the choice).
+// the fixed-order combination of the gram partials. The arithmetic is in
+// lateral_up2_fuse_impl.h, compiled per instruction set (csrc/cpu/isa/{default,avx2,avx512}.cpp)
+// and picked with pick_kernel_table (cpu/isa/kernel_tables.h; LITEFPN_CPU_ISA caps the choice).
 //
-// Paths (see lateral_impl.h): the forward follows out (z's memory format), grad_z follows grad_z
-// (z's layout): "nhwc" when that output has unit channel stride (and more than one channel),
+// Paths (see lateral_up2_fuse_impl.h): the forward follows out (z's memory format), grad_z
+// follows grad_z (z's layout): "nhwc" when that output has unit channel stride (and more than one channel),
 // else "plane". Every other stride, and fp16/bf16, goes through per-panel staging buffers: no
 // activation-sized copy is ever made.
 //
@@ -26,11 +26,11 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu_isa.h"
-#include "lateral_kernels.h"
+#include "cpu/common/tensor_view.h"
+#include "cpu/common/torch_glue.h"
+#include "cpu/isa/kernel_tables.h"
+#include "cpu/lateral_up2_fuse_kernels.h"
 #include "litefpn_math.h"
-#include "torch_glue.h"
-#include "up2_fuse_kernels.h"
 
 namespace litefpn {
 namespace cpu {
@@ -39,8 +39,7 @@ namespace {
 using at::Tensor;
 
 const LatKernelTable& lat_kernels() {
-  static const LatKernelTable* table = pick_isa_table(
-      lat_kernel_table_default(), lat_kernel_table_avx2(), lat_kernel_table_avx512());
+  static const LatKernelTable* table = pick_kernel_table(&IsaKernelTables::lateral_up2_fuse);
   return *table;
 }
 

@@ -1,16 +1,16 @@
-// Interface between the torch-facing CPU operators of lateral_up2_fuse (lateral.cpp) and their
-// compute kernels (lateral_impl.h), compiled once per instruction set like up2_fuse's
-// (lateral_kernels_{default,avx2,avx512}.cpp). Plain data only.
+// Interface between the torch-facing CPU operators of lateral_up2_fuse (lateral_up2_fuse.cpp)
+// and their compute kernels (lateral_up2_fuse_impl.h), compiled once per instruction set like
+// up2_fuse's (csrc/cpu/isa/{default,avx2,avx512}.cpp). Plain data only.
 //
 // All three kernels are small-K GEMMs built on one register-blocked micro-kernel (see
-// lateral_impl.h); the work is split into units fixed by the shape (never by the thread count):
-// unit u = n * nchunks + chunk, a chunk being `rows_per_chunk` rows (coarse rows for the forward,
+// lateral_up2_fuse_impl.h); the work is split into units fixed by the shape (never by the
+// thread count): unit u = n * nchunks + chunk, a chunk being `rows_per_chunk` rows (coarse rows for the forward,
 // fine rows for gram and grad_z).
 #pragma once
 
 #include <cstdint>
 
-#include "up2_fuse_kernels.h"
+#include "cpu/common/tensor_view.h"
 
 namespace litefpn {
 namespace cpu {
@@ -27,7 +27,7 @@ inline int64_t lat_round(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // gram[n,i,j] = sum_hw (a-ac)(b-bc), colsum[n,i] = sum_hw (a-ac); a [N,Ca,H,W], b [N,Cb,H,W].
 struct LatGramArgs {
   int64_t N, Ca, Cb, H, W;  // H, W: the (common) spatial size of a and b
-  Up2View a, b;
+  TensorView4 a, b;
   const void* a_center;  // [Ca] acc_t or nullptr
   const void* b_center;  // [Cb] acc_t or nullptr
   bool same;             // a, b: the same view with the same centre (one staged copy serves both)
@@ -40,7 +40,7 @@ struct LatGramArgs {
 // out = ca*Up2(coarse) + cb*(weight z + bias); coarse [N,C,H,W], z [N,Cin,2H,2W], out [N,C,2H,2W].
 struct LatFwdArgs {
   int64_t N, C, Cin, H, W;  // coarse sizes
-  Up2View coarse, z, out;
+  TensorView4 coarse, z, out;
   const void* weight;  // plane: [C][Cin] row-major; nhwc: [Cin][cpad] transposed, zero padded
   const void* bias;    // [cpad], zero padded
   const void* ca;      // [N][cpad] alpha*gate_coarse, zero padded
@@ -52,7 +52,7 @@ struct LatFwdArgs {
 // grad_z[n,k,p] = sum_c weight[c,k] scale[n,c] g[n,c,p] - sum_j quad[k,j] z[n,j,p] + shift[k].
 struct LatGradZArgs {
   int64_t N, C, Cin, H, W;  // fine sizes of g [N,C,H,W] and z, out [N,Cin,H,W]
-  Up2View g, z, out;
+  TensorView4 g, z, out;
   const void* weight;    // [C][Cin] row-major
   const void* scale;     // [N][C] or nullptr (1)
   const void* quad_neg;  // plane: -quad [Cin][Cin] (k, j); nhwc: -quad^T [Cin (j)][kpad]; or nullptr
@@ -68,25 +68,20 @@ using LatGradZFn = void (*)(const LatGradZArgs&, int64_t begin, int64_t end, voi
 struct LatKernelTable {
   const char* isa;
   int vec_bytes;  // of the micro-kernel's vectors: lanes = vec_bytes / sizeof(acc_t)
-  LatGramFn gram[kUp2NumDTypes];
-  LatFwdFn fwd_plane[kUp2NumDTypes];
-  LatFwdFn fwd_nhwc[kUp2NumDTypes];
-  LatGradZFn grad_z_plane[kUp2NumDTypes];
-  LatGradZFn grad_z_nhwc[kUp2NumDTypes];
+  LatGramFn gram[kNumStorageDTypes];
+  LatFwdFn fwd_plane[kNumStorageDTypes];
+  LatFwdFn fwd_nhwc[kNumStorageDTypes];
+  LatGradZFn grad_z_plane[kNumStorageDTypes];
+  LatGradZFn grad_z_nhwc[kNumStorageDTypes];
 };
 
-const LatKernelTable* lat_kernel_table_default();
-// nullptr where the variant is not compiled (non-x86 builds).
-const LatKernelTable* lat_kernel_table_avx2();
-const LatKernelTable* lat_kernel_table_avx512();
-
 // Scratch of one task in acc_t elements (lanes: of the table's vectors, for acc_t). Each kernel carves
-// it into the buffers listed in lateral_impl.h, every one rounded up to 16 elements.
+// it into the buffers listed in lateral_up2_fuse_impl.h, every one rounded up to 16 elements.
 inline int64_t lat_seg(int64_t n) { return (n + 15) & ~int64_t(15); }
 
 // Row stride of a staged broadcast operand with rows of n elements (lat_stage in
-// lateral_impl.h): round(n, 16) + 16, an odd number of 64-byte lines for float (rows 2^k bytes
-// apart would alias in the cache sets); and the size of such a staging of an R x K block.
+// lateral_up2_fuse_impl.h): round(n, 16) + 16, an odd number of 64-byte lines for float (rows
+// 2^k bytes apart would alias in the cache sets); and the size of such a staging of an R x K block.
 inline int64_t lat_stage_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 inline int64_t lat_stage_elems(int64_t R, int64_t K) {
   const int64_t a = lat_stage_ld(R) * K, b = lat_stage_ld(K) * R;

@@ -1,5 +1,5 @@
 // The CPU feature checks and the LITEFPN_CPU_ISA cap behind cpu_isa() (cpu_isa.h).
-#include "cpu_isa.h"
+#include "cpu/common/cpu_isa.h"
 
 #include <c10/util/Exception.h>
 
