@@ -73,7 +73,9 @@ def fwd_path_cases(dtype):
         ((2, 3, 3, wv), "offset", [0, V, 0, 0, 1], (V, "false")),          # misaligned fine
         ((2, 2 * V, 2, 3), "channels_last", [1, V, 1, 1, 1], (V, "true")),
         ((2, 2 * V, 2, 3), "channels_last_offset", [1, V, 0, 0, 1], (V, "true")),
-        ((1, 3, 2, 3), "channels_last", [0, 2 if V > 2 else V, 0, 0, 0], (2, "false")),  # odd C
+        # channels_last with C not a multiple of V: nhwc, one channel per thread (F10a)
+        ((1, 3, 2, 3), "channels_last", [1, 1, 0, 0, 0], (1, "true")),
+        ((2, V + 1, 3, 2), "channels_last_offset", [1, 1, 0, 0, 0], (1, "true")),
         ((2, 5, 1, 1), "strided", [0, 2, 0, 0, 1], (2, "false")),
     ]
     if V > 2:  # 2W % V != 0: pairs
@@ -132,8 +134,9 @@ def bwd_path_cases(dtype):
         ((2, 2 * V, 2, 3), "channels_last", "expand_all", [1, V, 0, 1, 1, 1, 1, 1], ("up2_bwd_nhwc_kernel", V)),
         ((1, 3, 2, 1), "contiguous", "expand_hw", [0, 1, 0, 0, 0, 1, 1, 1],
          ("up2_bwd_plane_kernel", 1)),
-        ((1, 3, 2, 3), "channels_last", None, [0, 1 if 3 % gcv else gcv, 0, 0, 0, 0, 0, 1],
-         ("up2_bwd_plane_kernel", 1 if 3 % gcv else gcv)),  # channels_last with odd C: plane
+        # channels_last with C not a multiple of V: nhwc, one channel per thread (F10a)
+        ((1, 3, 2, 3), "channels_last", None, [1, 1, 0, 0, 0, 0, 0, 1], ("up2_bwd_nhwc_kernel", 1)),
+        ((1, 33, 19, 19), "channels_last", "expand_hw", None, ("up2_bwd_nhwc_kernel", 1)),  # 2 chunks
         # several chunks per (n, c) plane / per sample: partials + the fixed-order second stage
         ((1, 2, 9, 64), "contiguous", None, None, ("up2_bwd_plane_kernel", gcv)),
         ((1, 32 * V, 5, 7), "channels_last", None, None, ("up2_bwd_nhwc_kernel", V)),
@@ -190,6 +193,7 @@ def test_up2_bwd_coarse_paths(emu, dtype, idx64):
                 ((2, 2 * V, 2, 3), "channels_last", "contiguous", "up2_bwd_plane_kernel",
                  1 if 3 % gcv else gcv),
                 ((1, 4, 1, 1), "offset", "expand_all", "up2_bwd_plane_kernel", 1),
+                ((1, 5, 2, 3), "contiguous", "channels_last", "up2_bwd_nhwc_kernel", 1),  # F10a
                 ((1, 2, 9, 64), "contiguous", None, "up2_bwd_plane_kernel", gcv)]):
             n, c, h, w = shape
             probe_g = cases.grad_like((n, c, 2 * h, 2 * w), dtype, grad_kind or kind,
@@ -292,7 +296,9 @@ def test_lateral_fwd_paths(emu, dtype, idx64):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kinds", LAYOUT_PAIRS, ids="-".join)
 def test_lateral_fwd_matches_eager(emu, dtype, kinds):
-    for i, (n, cin, c, hw) in enumerate([(2, 3, 5, (1, 3)), (1, 4, 7, (3, 1)), (2, 17, 16, (3, 5))]):
+    # (3, 4): 2W = 8, whole 16-byte pixel groups along W for every dtype (vector epilogue)
+    for i, (n, cin, c, hw) in enumerate([(2, 3, 5, (1, 3)), (1, 4, 7, (3, 1)), (2, 17, 16, (3, 5)),
+                                         (1, 5, 9, (3, 4)), (1, 6, 24, (1, 4))]):
         for weighted, gates in ((False, False), (True, False), (True, True)):
             cases.check_lateral_fwd(n, cin, c, hw, dtype, kinds, weighted, gates, seed=i)
 
@@ -319,7 +325,8 @@ def test_lateral_grad_z_paths(emu, dtype, idx64):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kinds", LAYOUT_PAIRS + [("expand_all", "channels_last")], ids="-".join)
 def test_lateral_grad_z_matches_eager(emu, dtype, kinds):
-    for i, (n, cin, c, hw) in enumerate([(2, 3, 5, (1, 3)), (1, 4, 7, (3, 1)), (2, 17, 16, (3, 5))]):
+    for i, (n, cin, c, hw) in enumerate([(2, 3, 5, (1, 3)), (1, 4, 7, (3, 1)), (2, 17, 16, (3, 5)),
+                                         (1, 16, 5, (2, 8)), (1, 9, 3, (3, 8))]):
         for scale, quad, shift in ((False, False, False), (True, True, True), (True, False, True)):
             cases.check_grad_z(n, cin, c, hw, dtype, kinds, scale, quad, shift, seed=i)
 
