@@ -219,26 +219,31 @@ struct FuseEpilogue {
       up2_taps<acc_t>(oy, Hc, y0, y1, wy0, wy1);
       up2_taps<acc_t>(ox, Wc, x0, x1, wx0, wx1);
       const index_t csC = static_cast<index_t>(coarse.s[1]);
-      acc_t v00[V], v01[V], v10[V], v11[V];
-      if (cnt == V) {
-        load_pack<V>(at4<const scalar_t>(coarse, n, m, index_t(y0), index_t(x0)), csC, vec_coarse, v00);
-        load_pack<V>(at4<const scalar_t>(coarse, n, m, index_t(y0), index_t(x1)), csC, vec_coarse, v01);
-        load_pack<V>(at4<const scalar_t>(coarse, n, m, index_t(y1), index_t(x0)), csC, vec_coarse, v10);
-        load_pack<V>(at4<const scalar_t>(coarse, n, m, index_t(y1), index_t(x1)), csC, vec_coarse, v11);
-      } else {
+      // one coarse row at a time (two V-wide taps live, not four: register pressure), in
+      // eager's order wy0*(wx0*v00 + wx1*v01) + wy1*(wx0*v10 + wx1*v11)
+      acc_t row[2][V];
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const index_t me = e < cnt ? m + e : m;  // past C: a valid channel, result unused
-          v00[e] = to_acc(*at4<const scalar_t>(coarse, n, me, index_t(y0), index_t(x0)));
-          v01[e] = to_acc(*at4<const scalar_t>(coarse, n, me, index_t(y0), index_t(x1)));
-          v10[e] = to_acc(*at4<const scalar_t>(coarse, n, me, index_t(y1), index_t(x0)));
-          v11[e] = to_acc(*at4<const scalar_t>(coarse, n, me, index_t(y1), index_t(x1)));
+      for (int r = 0; r < 2; ++r) {
+        const index_t yr = index_t(r == 0 ? y0 : y1);
+        acc_t va[V], vb[V];
+        if (cnt == V) {
+          load_pack<V>(at4<const scalar_t>(coarse, n, m, yr, index_t(x0)), csC, vec_coarse, va);
+          load_pack<V>(at4<const scalar_t>(coarse, n, m, yr, index_t(x1)), csC, vec_coarse, vb);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            const index_t me = e < cnt ? m + e : m;  // past C: a valid channel, result unused
+            va[e] = to_acc(*at4<const scalar_t>(coarse, n, me, yr, index_t(x0)));
+            vb[e] = to_acc(*at4<const scalar_t>(coarse, n, me, yr, index_t(x1)));
+          }
         }
+#pragma unroll
+        for (int e = 0; e < V; ++e) row[r][e] = wx0 * va[e] + wx1 * vb[e];
       }
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const index_t me = e < cnt ? m + e : m, nc = n * Cc + me;
-        const acc_t up = wy0 * (wx0 * v00[e] + wx1 * v01[e]) + wy1 * (wx0 * v10[e] + wx1 * v11[e]);
+        const acc_t up = wy0 * row[0][e] + wy1 * row[1][e];
         o[e] = sc.coarse_scale(alpha, nc) * up + sc.fine_scale(beta, nc) * (y[e] + bias[me]);
       }
     } else {  // channel m, pixels p .. p+cnt-1: scalar tap gathers (L1 hits), vector store
