@@ -14,9 +14,10 @@
 //     row; coarse columns come from a small per-thread window, fine / out move as G-wide vectors.
 //   nhwc (C innermost, channels_last): a thread writes G consecutive channels of one fine pixel;
 //     coarse, fine and out all move as G-wide vectors along C.
-// G = 16 bytes' worth of elements where the sizes allow it (else 2 / the plane path); a tensor
-// whose strides or alignment do not allow vectors is read element-wise with its own strides, so
-// every layout is correct, and the common ones are fast.
+// G = 16 bytes' worth of elements where the sizes allow it (else 2 on the plane path, 1 on the
+// nhwc path: still coalesced along C); a tensor whose strides or alignment do not allow vectors
+// is read element-wise with its own strides, so every layout is correct, and the common ones are
+// fast.
 //
 // The backward is a gather (no atomics, see "up2 backward" below); _up2_fuse_bwd_coarse is its
 // coarse half (WITH_FINE = false), used by lateral_up2_fuse's backward.
