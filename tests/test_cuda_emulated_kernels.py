@@ -57,7 +57,8 @@ def test_schemas_match_ops_cpp(emu):
     except ImportError as e:
         pytest.skip(f"litefpn_kernels._C is not built: {e}")
     for name in ("_up2_fuse_fwd", "_up2_fuse_bwd", "_up2_fuse_bwd_coarse", "_lateral_gram",
-                 "_lateral_up2_fuse_fwd", "_lateral_grad_z"):
+                 "_lateral_up2_fuse_fwd", "_lateral_grad_z", "_bn_silu_stats", "_bn_silu_fwd",
+                 "_bn_silu_bwd_sums", "_bn_silu_bwd"):
         want = str(getattr(torch.ops.litefpn, name).default._schema)
         got = str(getattr(emu, name).default._schema)
         assert got.replace("litefpn_emu::", "litefpn::") == want
@@ -73,7 +74,9 @@ def fwd_path_cases(dtype):
         ((2, 3, 3, wv), "offset", [0, V, 0, 0, 1], (V, "false")),          # misaligned fine
         ((2, 2 * V, 2, 3), "channels_last", [1, V, 1, 1, 1], (V, "true")),
         ((2, 2 * V, 2, 3), "channels_last_offset", [1, V, 0, 0, 1], (V, "true")),
-        ((1, 3, 2, 3), "channels_last", [0, 2 if V > 2 else V, 0, 0, 0], (2, "false")),  # odd C
+        # channels_last with C not a multiple of V: nhwc, one channel per thread (F10a)
+        ((1, 3, 2, 3), "channels_last", [1, 1, 0, 0, 0], (1, "true")),
+        ((2, V + 1, 3, 2), "channels_last_offset", [1, 1, 0, 0, 0], (1, "true")),
         ((2, 5, 1, 1), "strided", [0, 2, 0, 0, 1], (2, "false")),
     ]
     if V > 2:  # 2W % V != 0: pairs
@@ -132,8 +135,9 @@ def bwd_path_cases(dtype):
         ((2, 2 * V, 2, 3), "channels_last", "expand_all", [1, V, 0, 1, 1, 1, 1, 1], ("up2_bwd_nhwc_kernel", V)),
         ((1, 3, 2, 1), "contiguous", "expand_hw", [0, 1, 0, 0, 0, 1, 1, 1],
          ("up2_bwd_plane_kernel", 1)),
-        ((1, 3, 2, 3), "channels_last", None, [0, 1 if 3 % gcv else gcv, 0, 0, 0, 0, 0, 1],
-         ("up2_bwd_plane_kernel", 1 if 3 % gcv else gcv)),  # channels_last with odd C: plane
+        # channels_last with C not a multiple of V: nhwc, one channel per thread (F10a)
+        ((1, 3, 2, 3), "channels_last", None, [1, 1, 0, 0, 0, 0, 0, 1], ("up2_bwd_nhwc_kernel", 1)),
+        ((1, 33, 19, 19), "channels_last", "expand_hw", None, ("up2_bwd_nhwc_kernel", 1)),  # 2 chunks
         # several chunks per (n, c) plane / per sample: partials + the fixed-order second stage
         ((1, 2, 9, 64), "contiguous", None, None, ("up2_bwd_plane_kernel", gcv)),
         ((1, 32 * V, 5, 7), "channels_last", None, None, ("up2_bwd_nhwc_kernel", V)),
@@ -190,6 +194,7 @@ def test_up2_bwd_coarse_paths(emu, dtype, idx64):
                 ((2, 2 * V, 2, 3), "channels_last", "contiguous", "up2_bwd_plane_kernel",
                  1 if 3 % gcv else gcv),
                 ((1, 4, 1, 1), "offset", "expand_all", "up2_bwd_plane_kernel", 1),
+                ((1, 5, 2, 3), "contiguous", "channels_last", "up2_bwd_nhwc_kernel", 1),  # F10a
                 ((1, 2, 9, 64), "contiguous", None, "up2_bwd_plane_kernel", gcv)]):
             n, c, h, w = shape
             probe_g = cases.grad_like((n, c, 2 * h, 2 * w), dtype, grad_kind or kind,
@@ -292,7 +297,9 @@ def test_lateral_fwd_paths(emu, dtype, idx64):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kinds", LAYOUT_PAIRS, ids="-".join)
 def test_lateral_fwd_matches_eager(emu, dtype, kinds):
-    for i, (n, cin, c, hw) in enumerate([(2, 3, 5, (1, 3)), (1, 4, 7, (3, 1)), (2, 17, 16, (3, 5))]):
+    # (3, 4): 2W = 8, whole 16-byte pixel groups along W for every dtype (vector epilogue)
+    for i, (n, cin, c, hw) in enumerate([(2, 3, 5, (1, 3)), (1, 4, 7, (3, 1)), (2, 17, 16, (3, 5)),
+                                         (1, 5, 9, (3, 4)), (1, 6, 24, (1, 4))]):
         for weighted, gates in ((False, False), (True, False), (True, True)):
             cases.check_lateral_fwd(n, cin, c, hw, dtype, kinds, weighted, gates, seed=i)
 
@@ -319,9 +326,97 @@ def test_lateral_grad_z_paths(emu, dtype, idx64):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kinds", LAYOUT_PAIRS + [("expand_all", "channels_last")], ids="-".join)
 def test_lateral_grad_z_matches_eager(emu, dtype, kinds):
-    for i, (n, cin, c, hw) in enumerate([(2, 3, 5, (1, 3)), (1, 4, 7, (3, 1)), (2, 17, 16, (3, 5))]):
+    for i, (n, cin, c, hw) in enumerate([(2, 3, 5, (1, 3)), (1, 4, 7, (3, 1)), (2, 17, 16, (3, 5)),
+                                         (1, 16, 5, (2, 8)), (1, 9, 3, (3, 8))]):
         for scale, quad, shift in ((False, False, False), (True, True, True), (True, False, True)):
             cases.check_grad_z(n, cin, c, hw, dtype, kinds, scale, quad, shift, seed=i)
+
+
+# ----------------------------------------------------------------------------- bn_silu
+def bn_path_cases(dtype):
+    """(shape, kind, grad_kind, elementwise (G, NHWC), sums kernel, sums G, chunks per sample)."""
+    V = vec_width(dtype)
+    return [
+        ((2, 3, 3, 2 * V), "contiguous", None, (V, "false"), "bn_sums_plane_kernel", V, 1),
+        ((2, 3, 3, 2 * V + 1), "contiguous", "expand_all", (1, "false"), "bn_sums_plane_kernel", 1, 1),
+        ((1, 2, 80, 32 * V), "offset", "channels_last", (V, "false"), "bn_sums_plane_kernel", V, 2),
+        ((2, 2 * V, 3, 5), "channels_last", "expand_hw", (V, "true"), "bn_sums_nhwc_kernel", V, 1),
+        ((1, 2 * V, 40, 30), "channels_last_offset", None, (V, "true"), "bn_sums_nhwc_kernel", V, 2),
+        ((1, 33, 9, 9), "channels_last", "strided", (1, "true"), "bn_sums_nhwc_kernel", 1, 2),
+        # strided x: contiguous outputs (plane), sums along x's layout (no unit stride: plane)
+        ((2, 5, 3, V), "strided", None, (V, "false"), "bn_sums_plane_kernel", V, 1),
+    ]
+
+
+@pytest.mark.parametrize("idx64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_silu_paths(emu, dtype, idx64):
+    """Elementwise ops follow the output's layout, sums x's; 16-byte groups where C / W allow,
+    else one element per thread; per-unit partials always summed by the fixed-order stage."""
+    acc = "double" if dtype == F64 else "float"
+    emu._force_int64(idx64)
+    try:
+        for i, (shape, kind, gk, ew, sums, g, chunks) in enumerate(bn_path_cases(dtype)):
+            launches = kernels(cases.check_bn_silu(shape, dtype, kind, gk, seed=i))
+            n, c, h, w = shape
+            if sums == "bn_sums_nhwc_kernel":
+                cg = c // g
+                units = n * chunks * -(-cg // min(cg, 32))
+            else:
+                units = n * c * chunks
+            want = {kname(sums, dtype, idx64, 0, g): [units],
+                    kname(sums, dtype, idx64, 2, g): [units],
+                    kname("bn_ew_kernel", dtype, idx64, 1, *ew): [-(-n * c * h * w // ew[0] // 256)],
+                    kname("bn_ew_kernel", dtype, idx64, 3, *ew): [-(-n * c * h * w // ew[0] // 256)],
+                    f"sum_partials_kernel<{acc}>": [1, 1, 1, 1]}
+            assert launches == want, (shape, kind, gk)
+    finally:
+        emu._force_int64(False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bn_silu_matches_eager(emu, dtype, kind):
+    shapes = [(2, 3, 4, 5), (1, 1, 1, 1), (2, 4, 3, 1), (1, 16, 1, 6), (3, 8, 7, 3)]
+    grads = [None, "contiguous", "channels_last", "expand_hw", "expand_all"]
+    for i, shape in enumerate(shapes):
+        cases.check_bn_silu(shape, dtype, kind, grads[i % len(grads)], seed=i)
+
+
+def test_bn_silu_centred_sums_large_mean(emu):
+    """fp32 sums around the pilot stay accurate for data with a large mean (mean 1e3, unit
+    spread): the kernels sum x - center, never x."""
+    cases.check_bn_silu((2, 8, 33, 40), torch.float32, "channels_last", mean=1e3, seed=3)
+    cases.check_bn_silu((2, 8, 33, 40), torch.float32, "contiguous", mean=1e3, seed=4)
+
+
+def test_bn_silu_sums_are_deterministic(emu):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 40, 50, generator=gen).contiguous(memory_format=torch.channels_last)
+    v = [torch.randn(24, generator=gen) for _ in range(3)]
+    g = torch.randn(2, 24, 40, 50, generator=gen)
+    for _ in range(2):
+        r1 = (*emu._bn_silu_stats(x, v[0]), *emu._bn_silu_bwd_sums(g, x, v[1], v[2], v[0]))
+        r2 = (*emu._bn_silu_stats(x, v[0]), *emu._bn_silu_bwd_sums(g, x, v[1], v[2], v[0]))
+        assert all(torch.equal(a, b) for a, b in zip(r1, r2))
+        x = x.contiguous()
+
+
+def test_bn_silu_empty_and_errors(emu):
+    emu._launches()
+    v = torch.zeros(3)
+    s1, s2 = emu._bn_silu_stats(torch.empty(0, 3, 2, 2), v)
+    assert torch.equal(s1, torch.zeros(3)) and torch.equal(s2, torch.zeros(3))
+    assert emu._bn_silu_fwd(torch.empty(2, 3, 0, 4), v, v).shape == (2, 3, 0, 4)
+    assert emu._launches() == []
+    x = torch.randn(1, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        emu._bn_silu_fwd(x, torch.ones(4), v)
+    with pytest.raises(RuntimeError, match="center must have the accumulation dtype"):
+        emu._bn_silu_stats(x, v.double())
+    with pytest.raises(RuntimeError, match="grad_out must have x's shape"):
+        emu._bn_silu_bwd(torch.randn(1, 3, 2, 3), x, v, v, v, v, v)
+    assert emu._launches() == []
 
 
 # ----------------------------------------------------------------------------- edges

@@ -72,13 +72,38 @@ LITEFPN_HD void load_pack(const T* p, index_t stride, bool vec, acc_of<T> (&out)
   }
 }
 
+// The machine word of a G-element pack (CUDA's built-in vector types; runtime.h mirrors them
+// in the host emulation). Vector stores go through store_word (device.cuh): nvcc splits a plain
+// 16-byte store into scalar stores in the 64-bit index instantiations (audit F5).
+template <int Bytes>
+struct PackWord;
+template <>
+struct PackWord<16> {
+  using type = uint4;
+};
+template <>
+struct PackWord<8> {
+  using type = uint2;
+};
+template <>
+struct PackWord<4> {
+  using type = unsigned int;
+};
+template <>
+struct PackWord<2> {
+  using type = unsigned short;
+};
+
 template <int G, typename T, typename index_t>
 LITEFPN_HD void store_pack(T* p, index_t stride, bool vec, const acc_of<T> (&in)[G]) {
   if (G > 1 && vec) {
-    Pack<T, G> pk;
+    union {
+      Pack<T, G> pk;
+      typename PackWord<sizeof(Pack<T, G>)>::type w;
+    } u;
 #pragma unroll
-    for (int e = 0; e < G; ++e) pk.v[e] = static_cast<T>(in[e]);
-    *reinterpret_cast<Pack<T, G>*>(p) = pk;
+    for (int e = 0; e < G; ++e) u.pk.v[e] = static_cast<T>(in[e]);
+    store_word(reinterpret_cast<typename PackWord<sizeof(Pack<T, G>)>::type*>(p), u.w);
   } else {
 #pragma unroll
     for (int e = 0; e < G; ++e) p[e * stride] = static_cast<T>(in[e]);

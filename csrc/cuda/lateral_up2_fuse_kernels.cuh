@@ -12,8 +12,9 @@
 // tile; kBK-deep slices of both operands are staged (converted to the accumulation type) in
 // shared memory. Accumulation is in fp32 (fp64 for fp64), in a fixed order:
 //   * channel mix (fwd, grad_z): out tile [BM channels x 64 pixels] of sample n; the epilogue
-//     reads what it needs (coarse taps, bias, gates / shift) and writes `out` directly in its
-//     memory format; threads run along whichever of channel / pixel is unit-stride in `out`.
+//     stages the tile in shared memory, then reads what it needs (coarse taps, bias, gates /
+//     shift) and writes `out` in its memory format, consecutive threads owning consecutive
+//     16-byte groups along whichever of channel / pixel is unit-stride in `out`.
 //   * gram: tile [BM x BM] of sample n over one chunk of kGramChunk pixels; per-chunk partials
 //     are summed in chunk order by a second kernel: bitwise deterministic, no atomics.
 // Activations are read through their strides (NCHW, channels_last or anything else), loading
@@ -68,6 +69,43 @@ struct MixSmem {
   alignas(16) acc_t A[kBK][BM + kPad];   // [k][m]
   alignas(16) acc_t B[kBK][kBN + kPad];  // [k][pixel]
 };
+
+// The finished output tile, staged for the epilogue in the operands' storage (free once the
+// last slice's barrier has passed): [pixel][m] when out's channels are unit-stride, else
+// [m][pixel], so each thread's group of consecutive outputs is contiguous here too.
+template <int BM>
+constexpr int mix_out_elems() {
+  return kBN * (BM + kPad) > BM * (kBN + kPad) ? kBN * (BM + kPad) : BM * (kBN + kPad);
+}
+template <int BM, typename acc_t>
+union MixShared {
+  MixSmem<BM, acc_t> op;
+  alignas(16) acc_t out[mix_out_elems<BM>()];
+};
+
+template <int BM>
+LITEFPN_HD int mix_out_index(bool m_fast, int mm, int pp) {
+  return m_fast ? pp * (BM + kPad) + mm : mm * (kBN + kPad) + pp;
+}
+
+// Stores o[0, cnt) at out(n, m + e, p) (along_m) or out(n, m, p + e): one V-wide vector when the
+// group is whole and `vec` (vec_ok along the fast dimension, so a pixel group never crosses a
+// row), else element by element with out's strides.
+template <int V, typename scalar_t, typename index_t>
+LITEFPN_HD void mix_store_group(const View4& out, index_t Wp, index_t n, index_t m, index_t p,
+                                bool along_m, int cnt, bool vec, const acc_of<scalar_t> (&o)[V]) {
+  if (cnt == V && vec) {
+    const index_t y = p / Wp, x = p - y * Wp;
+    store_pack<V>(at4<scalar_t>(out, n, m, y, x), index_t(1), true, o);
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    if (e >= cnt) break;
+    const index_t pe = along_m ? p : p + e, y = pe / Wp, x = pe - y * Wp;
+    *at4<scalar_t>(out, n, along_m ? m + e : m, y, x) = static_cast<scalar_t>(o[e]);
+  }
+}
 
 // Register tile of thread tid: rows tm*TM .. +TM-1 (channels), columns tn*4 .. +3 (pixels).
 LITEFPN_HD void mix_roles(bool m_fast, int tid, int& tm, int& tn) {
@@ -165,36 +203,70 @@ struct FuseEpilogue {
 
   LITEFPN_HD void weights(acc_t& alpha, acc_t& beta) const { sc.weights(alpha, beta); }
 
-  template <int TM, typename index_t>
-  LITEFPN_HD void store(acc_t alpha, acc_t beta, index_t n, index_t m0, index_t p0, int tm, int tn,
-                        const acc_t (&acc)[TM][4]) const {
-    const index_t Cc = C, Hc = H, Wc = W, Wf = 2 * Wc, P = 4 * Hc * Wc;
-    const index_t csH = static_cast<index_t>(coarse.s[2]), csW = static_cast<index_t>(coarse.s[3]);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const index_t p = p0 + tn * 4 + j;
-      if (p >= P) continue;
+  bool vec_out = false;     // out: V-wide vectors along its unit-stride dim (channel or W)
+  bool vec_coarse = false;  // coarse: V-wide vectors along C (used when out is channels-fast)
+
+  // Group of up to V consecutive outputs (see mix_epilogue): y = the channel mix there.
+  template <int V, typename index_t>
+  LITEFPN_HD void store_group(acc_t alpha, acc_t beta, index_t n, index_t m, index_t p,
+                              bool along_m, int cnt, const acc_t (&y)[V]) const {
+    const index_t Cc = C, Hc = H, Wc = W, Wf = 2 * Wc;
+    acc_t o[V];
+    if (along_m) {  // one pixel, channels m .. m+cnt-1: coarse taps as vectors along C
       const index_t oy = p / Wf, ox = p - oy * Wf;
       int64_t y0, y1, x0, x1;
       acc_t wy0, wy1, wx0, wx1;
       up2_taps<acc_t>(oy, Hc, y0, y1, wy0, wy1);
       up2_taps<acc_t>(ox, Wc, x0, x1, wx0, wx1);
-      const index_t o00 = index_t(y0) * csH + index_t(x0) * csW;
-      const index_t o01 = index_t(y0) * csH + index_t(x1) * csW;
-      const index_t o10 = index_t(y1) * csH + index_t(x0) * csW;
-      const index_t o11 = index_t(y1) * csH + index_t(x1) * csW;
+      const index_t csC = static_cast<index_t>(coarse.s[1]);
+      // one coarse row at a time (two V-wide taps live, not four: register pressure), in
+      // eager's order wy0*(wx0*v00 + wx1*v01) + wy1*(wx0*v10 + wx1*v11)
+      acc_t row[2][V];
 #pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        const index_t m = m0 + tm * TM + i;
-        if (m >= Cc) continue;
-        const scalar_t* cp = at4<const scalar_t>(coarse, n, m, index_t(0), index_t(0));
-        const acc_t up = wy0 * (wx0 * to_acc(cp[o00]) + wx1 * to_acc(cp[o01])) +
-                         wy1 * (wx0 * to_acc(cp[o10]) + wx1 * to_acc(cp[o11]));
-        const index_t nc = n * Cc + m;
-        const acc_t v = sc.coarse_scale(alpha, nc) * up + sc.fine_scale(beta, nc) * (acc[i][j] + bias[m]);
-        *at4<scalar_t>(out, n, m, oy, ox) = static_cast<scalar_t>(v);
+      for (int r = 0; r < 2; ++r) {
+        const index_t yr = index_t(r == 0 ? y0 : y1);
+        acc_t va[V], vb[V];
+        if (cnt == V) {
+          load_pack<V>(at4<const scalar_t>(coarse, n, m, yr, index_t(x0)), csC, vec_coarse, va);
+          load_pack<V>(at4<const scalar_t>(coarse, n, m, yr, index_t(x1)), csC, vec_coarse, vb);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            const index_t me = e < cnt ? m + e : m;  // past C: a valid channel, result unused
+            va[e] = to_acc(*at4<const scalar_t>(coarse, n, me, yr, index_t(x0)));
+            vb[e] = to_acc(*at4<const scalar_t>(coarse, n, me, yr, index_t(x1)));
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) row[r][e] = wx0 * va[e] + wx1 * vb[e];
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const index_t me = e < cnt ? m + e : m, nc = n * Cc + me;
+        const acc_t up = wy0 * row[0][e] + wy1 * row[1][e];
+        o[e] = sc.coarse_scale(alpha, nc) * up + sc.fine_scale(beta, nc) * (y[e] + bias[me]);
+      }
+    } else {  // channel m, pixels p .. p+cnt-1: scalar tap gathers (L1 hits), vector store
+      const index_t nc = n * Cc + m;
+      const acc_t ca = sc.coarse_scale(alpha, nc), cb = sc.fine_scale(beta, nc), b = bias[m];
+      const scalar_t* cp = at4<const scalar_t>(coarse, n, m, index_t(0), index_t(0));
+      const index_t csH = static_cast<index_t>(coarse.s[2]), csW = static_cast<index_t>(coarse.s[3]);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const index_t pe = e < cnt ? p + e : p, oy = pe / Wf, ox = pe - oy * Wf;
+        int64_t y0, y1, x0, x1;
+        acc_t wy0, wy1, wx0, wx1;
+        up2_taps<acc_t>(oy, Hc, y0, y1, wy0, wy1);
+        up2_taps<acc_t>(ox, Wc, x0, x1, wx0, wx1);
+        const acc_t up =
+            wy0 * (wx0 * to_acc(cp[index_t(y0) * csH + index_t(x0) * csW]) +
+                   wx1 * to_acc(cp[index_t(y0) * csH + index_t(x1) * csW])) +
+            wy1 * (wx0 * to_acc(cp[index_t(y1) * csH + index_t(x0) * csW]) +
+                   wx1 * to_acc(cp[index_t(y1) * csH + index_t(x1) * csW]));
+        o[e] = ca * up + cb * (y[e] + b);
       }
     }
+    mix_store_group<V, scalar_t, index_t>(out, Wf, n, m, p, along_m, cnt, vec_out, o);
   }
 };
 
@@ -208,23 +280,19 @@ struct ShiftEpilogue {
 
   LITEFPN_HD void weights(acc_t& alpha, acc_t& beta) const { alpha = beta = acc_t(1); }
 
-  template <int TM, typename index_t>
-  LITEFPN_HD void store(acc_t, acc_t, index_t n, index_t m0, index_t p0, int tm, int tn,
-                        const acc_t (&acc)[TM][4]) const {
-    const index_t Mm = M, W_ = Wp, P = static_cast<index_t>(Hp) * W_;
+  bool vec_out = false;  // out: V-wide vectors along its unit-stride dim
+
+  template <int V, typename index_t>
+  LITEFPN_HD void store_group(acc_t, acc_t, index_t n, index_t m, index_t p, bool along_m, int cnt,
+                              const acc_t (&y)[V]) const {
+    acc_t o[V];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const index_t p = p0 + tn * 4 + j;
-      if (p >= P) continue;
-      const index_t y = p / W_, x = p - y * W_;
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        const index_t m = m0 + tm * TM + i;
-        if (m >= Mm) continue;
-        const acc_t v = shift != nullptr ? acc[i][j] + shift[m] : acc[i][j];
-        *at4<scalar_t>(out, n, m, y, x) = static_cast<scalar_t>(v);
-      }
+    for (int e = 0; e < V; ++e) {
+      const index_t me = along_m && e < cnt ? m + e : m;
+      o[e] = shift != nullptr ? y[e] + shift[me] : y[e];
     }
+    mix_store_group<V, scalar_t, index_t>(out, static_cast<index_t>(Wp), n, m, p, along_m, cnt,
+                                          vec_out, o);
   }
 };
 
@@ -267,12 +335,40 @@ __device__ __forceinline__ void mix_tile(const MixArgs<acc_of<scalar_t>>& a, ind
   }
 }
 
+// Epilogue of one staged tile (audit F2): consecutive threads take consecutive groups of V =
+// 16 bytes' worth of outputs along out's unit-stride dimension (channels when m_fast, else
+// pixels), so a warp writes 32 adjacent 16-byte vectors.
+template <int BM, typename scalar_t, typename index_t, class Epilogue>
+__device__ __forceinline__ void mix_epilogue(const MixArgs<acc_of<scalar_t>>& a, const Epilogue& epi,
+                                             acc_of<scalar_t> alpha, acc_of<scalar_t> beta,
+                                             index_t n, index_t m0, index_t p0, int tid,
+                                             const acc_of<scalar_t>* tile) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int V = 16 / sizeof(scalar_t);
+  static_assert(BM % V == 0 && kBN % V == 0, "whole groups per tile row");
+  const index_t M = static_cast<index_t>(a.M), P = static_cast<index_t>(a.Hp * a.Wp);
+  const bool mf = a.m_fast;
+  const int per = mf ? BM / V : kBN / V;  // groups along the fast dimension
+  for (int q = tid; q < BM * kBN / V; q += kThreads) {
+    const int f = (q % per) * V, sl = q / per;
+    const int mm = mf ? f : sl, pp = mf ? sl : f;
+    const index_t m = m0 + mm, p = p0 + pp;
+    if (m >= M || p >= P) continue;
+    const index_t rem = mf ? M - m : P - p;
+    const int cnt = rem < V ? static_cast<int>(rem) : V;
+    acc_t y[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) y[e] = tile[mix_out_index<BM>(mf, mm, pp) + e];
+    epi.template store_group<V, index_t>(alpha, beta, n, m, p, mf, cnt, y);
+  }
+}
+
 // A block per output tile (mix_tile_of).
 template <typename scalar_t, typename index_t, int BM, class Epilogue>
 __global__ void __launch_bounds__(kThreads)
     mix_kernel(const MixArgs<acc_of<scalar_t>> a, const Epilogue epi) {
   using acc_t = acc_of<scalar_t>;
-  LITEFPN_SHARED(sm, MixSmem<BM, acc_t>);
+  LITEFPN_SHARED(sm, MixShared<BM, acc_t>);
   const int tid = threadIdx.x;
   int tm, tn;
   mix_roles(a.m_fast, tid, tm, tn);
@@ -284,8 +380,16 @@ __global__ void __launch_bounds__(kThreads)
     const index_t n = static_cast<index_t>(t.n), m0 = static_cast<index_t>(t.m0),
                   p0 = static_cast<index_t>(t.p0);
     acc_t acc[BM / kTile][4];
-    mix_tile<BM, scalar_t, index_t>(a, n, m0, p0, tid, tm, tn, sm, acc);
-    epi.template store<BM / kTile, index_t>(alpha, beta, n, m0, p0, tm, tn, acc);
+    mix_tile<BM, scalar_t, index_t>(a, n, m0, p0, tid, tm, tn, sm.op, acc);
+    // (mix_tile ends with a barrier: the operand storage is free for the output tile)
+#pragma unroll
+    for (int i = 0; i < BM / kTile; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        sm.out[mix_out_index<BM>(a.m_fast, tm * (BM / kTile) + i, tn * 4 + j)] = acc[i][j];
+    __syncthreads();
+    mix_epilogue<BM, scalar_t, index_t>(a, epi, alpha, beta, n, m0, p0, tid, sm.out);
+    __syncthreads();  // the next tile's slices overwrite the staged outputs
   }
 }
 
@@ -534,6 +638,9 @@ std::pair<MixArgs<acc_of<scalar_t>>, FuseEpilogue<scalar_t>> plan_fuse(
   epi.W = coarse.size(3);
   epi.bias = bias.const_data_ptr<acc_t>();
   epi.sc = make_scales<acc_t>(w_coarse, w_fine, gate_coarse, gate_fine, eps);
+  constexpr int V = 16 / sizeof(scalar_t);
+  epi.vec_out = vec_ok(out, a.m_fast ? 1 : 3, V);
+  epi.vec_coarse = a.m_fast && vec_ok(coarse, 1, V);
   return {a, epi};
 }
 
@@ -561,6 +668,7 @@ std::pair<MixArgs<acc_of<scalar_t>>, ShiftEpilogue<scalar_t>> plan_grad_z(
   epi.Hp = z.size(2);
   epi.Wp = z.size(3);
   epi.shift = shift.has_value() ? shift->const_data_ptr<acc_t>() : nullptr;
+  epi.vec_out = vec_ok(grad_z, a.m_fast ? 1 : 3, 16 / sizeof(scalar_t));
   return {a, epi};
 }
 

@@ -14,9 +14,10 @@
 //     row; coarse columns come from a small per-thread window, fine / out move as G-wide vectors.
 //   nhwc (C innermost, channels_last): a thread writes G consecutive channels of one fine pixel;
 //     coarse, fine and out all move as G-wide vectors along C.
-// G = 16 bytes' worth of elements where the sizes allow it (else 2 / the plane path); a tensor
-// whose strides or alignment do not allow vectors is read element-wise with its own strides, so
-// every layout is correct, and the common ones are fast.
+// G = 16 bytes' worth of elements where the sizes allow it (else 2 on the plane path, 1 on the
+// nhwc path: still coalesced along C); a tensor whose strides or alignment do not allow vectors
+// is read element-wise with its own strides, so every layout is correct, and the common ones are
+// fast.
 //
 // The backward is a gather (no atomics, see "up2 backward" below); _up2_fuse_bwd_coarse is its
 // coarse half (WITH_FINE = false), used by lateral_up2_fuse's backward.
@@ -187,8 +188,10 @@ Up2FwdPlan<scalar_t> plan_up2_fwd(const Tensor& coarse, const Tensor& fine, cons
   a.fine = view4(fine);
   a.out = view4(out);
   a.sc = make_scales<acc_of<scalar_t>>(w_coarse, w_fine, gate_coarse, gate_fine, eps);
-  p.nhwc = a.C > 1 && out.stride(1) == 1 && a.C % V == 0;
-  p.G = p.nhwc ? V : ((2 * a.W) % V == 0 ? V : 2);
+  // Channels innermost -> nhwc, with 16-byte groups where C allows, else one channel per thread
+  // (still coalesced along C; the plane path would walk W with stride C, audit F10a).
+  p.nhwc = a.C > 1 && out.stride(1) == 1;
+  p.G = p.nhwc ? (a.C % V == 0 ? V : 1) : ((2 * a.W) % V == 0 ? V : 2);
   const int vdim = p.nhwc ? 1 : 3;
   a.vec_coarse = p.nhwc && vec_ok(coarse, vdim, p.G);  // the plane path reads coarse element-wise
   a.vec_fine = vec_ok(fine, vdim, p.G);
@@ -304,13 +307,8 @@ LITEFPN_HD void up2_bwd_nhwc_item(const Up2BwdArgs<scalar_t>& a, index_t n, inde
   acc_t wr[kGatherTaps], wc[kGatherTaps];
   up2_gather_taps<acc_t>(i, a.H, rows, wr);
   up2_gather_taps<acc_t>(j, a.W, cols, wc);
+  // the per-channel scales are read where used (L1 hits), not held in 2*G registers (F8)
   const index_t nc0 = n * static_cast<index_t>(a.C) + c0;
-  acc_t ca[G], cb[G];
-#pragma unroll
-  for (int e = 0; e < G; ++e) {
-    ca[e] = a.sc.coarse_scale(alpha, nc0 + e);
-    cb[e] = WITH_FINE ? a.sc.fine_scale(beta, nc0 + e) : acc_t(0);
-  }
   const index_t gsC = static_cast<index_t>(a.grad_out.s[1]);
   acc_t acc[G];
 #pragma unroll
@@ -331,7 +329,7 @@ LITEFPN_HD void up2_bwd_nhwc_item(const Up2BwdArgs<scalar_t>& a, index_t n, inde
       if (WITH_FINE && (t == 1 || t == 2) && (u == 1 || u == 2)) {  // own fine pixel
         acc_t gf[G];
 #pragma unroll
-        for (int e = 0; e < G; ++e) gf[e] = cb[e] * v[e];
+        for (int e = 0; e < G; ++e) gf[e] = a.sc.fine_scale(beta, nc0 + e) * v[e];
         store_pack<G>(at4<scalar_t>(a.grad_fine, n, c0, y, x),
                       static_cast<index_t>(a.grad_fine.s[1]), a.vec_gf, gf);
         if (a.need_sums) {
@@ -348,7 +346,7 @@ LITEFPN_HD void up2_bwd_nhwc_item(const Up2BwdArgs<scalar_t>& a, index_t n, inde
   }
   acc_t gc[G];
 #pragma unroll
-  for (int e = 0; e < G; ++e) gc[e] = ca[e] * acc[e];
+  for (int e = 0; e < G; ++e) gc[e] = a.sc.coarse_scale(alpha, nc0 + e) * acc[e];
   store_pack<G>(at4<scalar_t>(a.grad_coarse, n, c0, i, j), static_cast<index_t>(a.grad_coarse.s[1]),
                 a.vec_gc, gc);
   if (a.need_sums) {
@@ -439,6 +437,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // A block per nhwc unit; the threads' sums are combined across pixel lanes in shared memory, in
 // lane order (fixed).
+// (No minimum-blocks bound: __launch_bounds__(256, 3), i.e. <= 80 registers for 37.5%, spills
+// 12-328 bytes in the G = V instantiations with nvcc 13.0; see tests/gpu/static_resources.py.)
 template <typename scalar_t, typename index_t, int G, bool WITH_FINE>
 __global__ void __launch_bounds__(kThreads)
     up2_bwd_nhwc_kernel(const Up2BwdArgs<scalar_t> a, const int64_t units) {
@@ -491,7 +491,7 @@ template <typename scalar_t>
 struct Up2BwdPlan {
   Up2BwdArgs<scalar_t> a;  // part_* left null
   bool nhwc = false;
-  int GC = 1;  // coarse-side group width (plane path); nhwc uses G = 16 bytes of elements
+  int GC = 1;  // coarse-side group width (plane path); nhwc: G = 16 bytes of elements, or 1
   int64_t units = 0;
   int64_t s_row = 0, s_col = 0, s_chunk = 0;
 };
@@ -519,9 +519,10 @@ Up2BwdPlan<scalar_t> plan_up2_bwd(const Up2BwdTensors& t) {
   a.need_sums = t.need_sums;
   // The output whose layout sets the path: channels innermost -> nhwc, else plane.
   const Tensor& ref = WITH_FINE ? t.grad_fine : t.grad_out;
-  p.nhwc = C > 1 && ref.stride(1) == 1 && C % V == 0;
-  p.GC = p.nhwc ? V : (W % (V / 2) == 0 ? V / 2 : 1);
-  const int GF = p.nhwc ? V : 2 * p.GC;  // group width on the fine side
+  // (nhwc with one channel per thread when C is not a multiple of V: coalesced along C, F10a)
+  p.nhwc = C > 1 && ref.stride(1) == 1;
+  p.GC = p.nhwc ? (C % V == 0 ? V : 1) : (W % (V / 2) == 0 ? V / 2 : 1);
+  const int GF = p.nhwc ? p.GC : 2 * p.GC;  // group width on the fine side
   const int vdim = p.nhwc ? 1 : 3;
   a.vec_g = vec_ok(t.grad_out, vdim, GF);
   a.vec_coarse = vec_ok(t.coarse, vdim, p.GC);
@@ -531,7 +532,7 @@ Up2BwdPlan<scalar_t> plan_up2_bwd(const Up2BwdTensors& t) {
     a.vec_gf = vec_ok(t.grad_fine, vdim, GF);
   }
   if (p.nhwc) {
-    const int64_t CG = C / V;
+    const int64_t CG = C / p.GC;
     a.ctile = static_cast<int>(CG < kWarp ? CG : kWarp);
     a.ptile = kThreads / a.ctile;
     a.ctiles = ceil_div(CG, a.ctile);
@@ -581,8 +582,11 @@ void up2_bwd_launch(const Up2BwdTensors& t) {
       using index_t = decltype(index_tag);
       constexpr int V = 16 / sizeof(scalar_t);
       constexpr int GCV = V / 2 > 1 ? V / 2 : 1;
-      if (p.nhwc) {
+      if (p.nhwc && p.GC == V) {
         launch<up2_bwd_nhwc_kernel<scalar_t, index_t, V, WITH_FINE>>(grid_for(p.units, 1), kThreads,
+                                                                     p.a, p.units);
+      } else if (p.nhwc) {
+        launch<up2_bwd_nhwc_kernel<scalar_t, index_t, 1, WITH_FINE>>(grid_for(p.units, 1), kThreads,
                                                                      p.a, p.units);
       } else if (p.GC == GCV) {
         launch<up2_bwd_plane_kernel<scalar_t, index_t, GCV, WITH_FINE>>(
@@ -619,8 +623,10 @@ Tensor up2_fuse_fwd_cuda(const Tensor& coarse, const Tensor& fine,
     dispatch_index(use64, [&](auto index_tag) {
       using index_t = decltype(index_tag);
       constexpr int V = 16 / sizeof(scalar_t);
-      if (p.nhwc) {
+      if (p.nhwc && p.G == V) {
         launch<up2_fwd_kernel<scalar_t, index_t, V, true>>(blocks, kThreads, p.a, p.groups);
+      } else if (p.nhwc) {
+        launch<up2_fwd_kernel<scalar_t, index_t, 1, true>>(blocks, kThreads, p.a, p.groups);
       } else if (p.G == V) {
         launch<up2_fwd_kernel<scalar_t, index_t, V, false>>(blocks, kThreads, p.a, p.groups);
       } else {

@@ -29,7 +29,8 @@ EMU_DIR = Path(__file__).resolve().parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
 BUILD_ROOT = ROOT / "build" / "cuda_emu"
 CXX = os.environ.get("CXX", "g++")
-UNITS = ("runtime.cpp", "control_ops.cpp", "up2_fuse_emu.cpp", "lateral_up2_fuse_emu.cpp")
+UNITS = ("runtime.cpp", "control_ops.cpp", "up2_fuse_emu.cpp", "lateral_up2_fuse_emu.cpp",
+         "bn_silu_emu.cpp")
 
 # (file under csrc/cuda, old text, new text): one seeded defect each.
 MUTATIONS = {

@@ -249,3 +249,54 @@ def check_grad_z(n, cin, c, hw, dtype, kinds, scale=True, quad=True, shift=True,
     assert gz.stride() == torch.empty_like(z).stride(), "grad_z is empty_like(z)"
     close(gz, want, MIX_TOL[dtype], f"_lateral_grad_z {(n, cin, c, hw)} {dtype} {kinds}")
     return launches
+
+
+# ----------------------------------------------------------------------------- bn_silu
+def bn_params(c, dtype, gen):
+    """center, scale, shift, k_dz, k_x, k_0: [C] in the accumulation dtype."""
+    acc = acc_of(dtype)
+    r = lambda s=1.0, m=0.0: (torch.randn(c, generator=gen, dtype=F64) * s + m).to(acc)  # noqa: E731
+    return r(), r(0.5, 1.0), r(0.5), r(), r(0.1), r(0.1)
+
+
+def _ch(v):
+    return v.double()[:, None, None]
+
+
+def bn_ref_dz(g, x, scale, shift):
+    a = x.double() * _ch(scale) + _ch(shift)
+    sg = torch.sigmoid(a)
+    return g.double() * sg * (1 + a * (1 - sg))
+
+
+def check_bn_silu(shape, dtype, kind, grad_kind=None, mean=0.5, seed=0):
+    """All four _bn_silu_* ops on one x (values around `mean`, centred on a per-channel pilot)
+    against float64; returns the launches."""
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = rand(*shape, gen=gen, dtype=dtype, kind=kind, shift=mean)
+    center, scale, shift, k_dz, k_x, k_0 = bn_params(c, dtype, gen)
+    g = grad_like(shape, dtype, grad_kind or kind, gen)
+    acc, what = acc_of(dtype), f"bn_silu {shape} {dtype} {kind}/{grad_kind}"
+    count = n * h * w
+    ops()._launches()
+    s1, s2 = ops()._bn_silu_stats(x, center)
+    y = ops()._bn_silu_fwd(x, scale, shift)
+    b1, b2 = ops()._bn_silu_bwd_sums(g, x, scale, shift, center)
+    gx = ops()._bn_silu_bwd(g, x, scale, shift, k_dz, k_x, k_0)
+    launches = ops()._launches()
+    d = x.double() - _ch(center)
+    a = x.double() * _ch(scale) + _ch(shift)
+    dz = bn_ref_dz(g, x, scale, shift)
+    fmt = fmt_of(x)
+    for name, got in (("y", y), ("grad_x", gx)):
+        assert got.dtype == dtype and got.shape == x.shape, what + name
+        assert got.stride() == torch.empty(shape, memory_format=fmt).stride(), what + " " + name
+    close(y, a / (1 + torch.exp(-a)), TOL[dtype], what + " y")
+    close(gx, dz * _ch(k_dz) + x.double() * _ch(k_x) + _ch(k_0), TOL[dtype], what + " grad_x")
+    for name, got, want in (("stats s1", s1, d.sum((0, 2, 3))), ("stats s2", s2, (d * d).sum((0, 2, 3))),
+                            ("bwd_sums s1", b1, dz.sum((0, 2, 3))),
+                            ("bwd_sums s2", b2, (dz * d).sum((0, 2, 3)))):
+        assert got.dtype == acc and got.shape == (c,), what + " " + name
+        close(got, want, sum_tol(dtype, count), what + " " + name)
+    return launches

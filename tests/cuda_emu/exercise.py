@@ -5,7 +5,7 @@ against its float64 contract (cases.py); meant to run under a sanitizer build:
 
 Groups: "all" (every kernel instantiation family: up2 fwd/bwd/bwd_coarse plane+nhwc, vector and
 element-wise, int32+int64, sum_partials, gram BM 32/64 multi-chunk, channel mix BM 32/64 with one
-or two segments), or the input that triggers one seeded defect ("oob-global", "oob-shared",
+or two segments, bn_silu elementwise + sums on both paths, vector and G=1), or the input that triggers one seeded defect ("oob-global", "oob-shared",
 "no-barrier", see build.MUTATIONS). Prints "exercise ok: <n> cases" at the end.
 """
 import sys
@@ -34,6 +34,12 @@ def all_cases():
         yield cases.check_up2_bwd, ((1, 2, 5, 64), dtype, C,)               # plane, 2 chunks
         yield cases.check_up2_bwd_coarse, ((1, 2 * v, 2, 3), dtype, C, CL,)
         yield cases.check_up2_bwd_coarse, ((1, 3, 2, 3), dtype, C,)
+    for dtype in (f64, f32, bf16):
+        v = 16 // torch.empty((), dtype=dtype).element_size()
+        yield cases.check_bn_silu, ((2, 3, 3, 2 * v), dtype, C, ST,)          # plane, vec / G=1
+        yield cases.check_bn_silu, ((2, 2 * v, 3, 5), dtype, CL, "expand_hw",)  # nhwc vec
+        yield cases.check_bn_silu, ((1, 3, 40, 70), dtype, OFF, C,)          # plane G=1, 2 chunks
+        yield cases.check_bn_silu, ((1, 33, 9, 9), dtype, CL, CL,)           # nhwc G=1, 2 ctiles+chunks
     for dtype in (f64, f32):
         yield cases.check_gram, (1, 5, 3, (3, 1), dtype, (C, CL),)          # BM 32
         yield cases.check_gram, (1, 33, 7, (2, 3), dtype, (CL, ST),)        # BM 64

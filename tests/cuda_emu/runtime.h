@@ -37,6 +37,13 @@ struct dim3 {
   constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 using uint3 = dim3;
+// CUDA's 8- and 16-byte vector types (common.cuh PackWord): same size and alignment.
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned int x, y;
+};
 
 // The built-in variables: per thread, set by the launcher.
 inline thread_local uint3 threadIdx;
