@@ -26,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/common/nonfinite_coarse.h"
 #include "cpu/common/tensor_view.h"
 #include "cpu/common/torch_glue.h"
 #include "cpu/isa/kernel_tables.h"
@@ -231,10 +232,18 @@ Tensor lateral_up2_fuse_fwd_cpu(const Tensor& coarse, const Tensor& z, const Ten
       f.weight = wsrc;
     }
     f.bias = bpad.data();
+    const auto nonfinite = take_nonfinite_planes(ca.data(), N, C, cpad);
     f.ca = ca.data();
     f.cb = cb.data();
     parallel_with_scratch(units, 1, lat_fwd_scratch(f, lanes) * int64_t(sizeof(scalar_t)),
                           [&](int64_t begin, int64_t end, void* scr) { fn(f, begin, end, scr); });
+    // the fine term: cb * (weight[c] . z[n] + bias[c]), the kernel's y for this plane
+    rewrite_nonfinite_planes(nonfinite, out, coarse, acc, [&](int64_t n, int64_t c) {
+      const at::Tensor zn = z.select(0, n).to(acc);
+      const at::Tensor w = weight.select(0, c).view({Cin, 1, 1});
+      return zn.mul(w).sum(0).add(static_cast<double>(bpad[c]))
+          .mul(static_cast<double>(cb[n * cpad + c]));
+    });
   });
   return out;
 }

@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/common/nonfinite_coarse.h"
 #include "cpu/common/tensor_view.h"
 #include "cpu/common/torch_glue.h"
 #include "cpu/isa/kernel_tables.h"
@@ -160,9 +161,16 @@ Tensor up2_fuse_fwd_cpu(const Tensor& coarse, const Tensor& fine,
   AT_DISPATCH_FLOATING_TYPES(acc_scalar_type(fine.scalar_type()), "up2_fuse_fwd_cpu", [&] {
     std::vector<scalar_t> ca, cb;
     plane_scales<scalar_t>(w_coarse, w_fine, gate_coarse, gate_fine, eps, a.N * a.C, ca, cb);
+    const auto nonfinite = take_nonfinite_planes(ca.data(), a.N, a.C, a.C);
     a.ca = ca.data();
     a.cb = cb.data();
     run_units<scalar_t>(fn, a, /*bwd=*/false, nhwc, units);
+    rewrite_nonfinite_planes(nonfinite, out, coarse, acc_scalar_type(fine.scalar_type()),
+                             [&](int64_t n, int64_t c) {
+                               return fine.select(0, n).select(0, c)
+                                   .to(acc_scalar_type(fine.scalar_type()))
+                                   .mul(static_cast<double>(cb[n * a.C + c]));
+                             });
   });
   return out;
 }

@@ -1,5 +1,5 @@
 """Tensor conventions of the kernels, the only Python copy: accumulation dtype, the small
-per-channel operands, and the output memory format (output_format_of in csrc/cpu/torch_glue.h)."""
+per-channel operands, and the output memory format (output_format_of in csrc/cpu/common/torch_glue.h)."""
 from typing import Optional
 
 import torch
@@ -22,7 +22,7 @@ def to_acc_contiguous(t: Optional[Tensor], dtype) -> Optional[Tensor]:
 def empty_in_format(t, shape):
     """An empty tensor of `shape` with t's dtype and device, channels_last when t is (and not
     also contiguous): the memory format of the C++ kernels' outputs (output_format_of in
-    csrc/cpu/torch_glue.h)."""
+    csrc/cpu/common/torch_glue.h)."""
     channels_last = (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
                      and not t.is_contiguous())
     fmt = torch.channels_last if channels_last else torch.contiguous_format

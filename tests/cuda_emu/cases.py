@@ -1,6 +1,6 @@
 """Contract checks of the emulated CUDA ops (litefpn_emu::*) against float64 eager compositions.
 
-Shared by tests/test_cuda_emulated_kernels.py (in-process, plain build) and exercise.py (the
+Shared by tests/kernels/cuda/test_emulated_kernels.py (in-process, plain build) and exercise.py (the
 sanitizer runs). Every check_* computes the op, compares it with its contract (csrc/ops.cpp) and
 returns the kernel launches it caused ("<instantiation>@<blocks>"), for path-coverage asserts.
 """

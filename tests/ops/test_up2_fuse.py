@@ -323,7 +323,7 @@ def test_cpu_narrower_isa_builds(isa):
 
 
 def test_cpu_isa_env_caps_the_choice_and_rejects_unknown_values():
-    """LITEFPN_CPU_ISA caps the kernel variant (csrc/cpu/cpu_isa.h); a value that names no
+    """LITEFPN_CPU_ISA caps the kernel variant (csrc/cpu/common/cpu_isa.h); a value that names no
     variant is an error naming the variable, not a silent fallback."""
     need(OP, "cpu", CPU)
     if os.environ.get("LITEFPN_CPU_ISA"):

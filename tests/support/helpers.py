@@ -71,7 +71,7 @@ def assert_same_for_thread_counts(run, counts=(1, 2, 1)):
             assert torch.equal(x, y)
 
 
-#: the compiled CPU kernel variants, narrowest first (csrc/cpu/cpu_isa.h)
+#: the compiled CPU kernel variants, narrowest first (csrc/cpu/common/cpu_isa.h)
 CPU_ISAS = ("default", "avx2", "avx512")
 
 

@@ -1,5 +1,5 @@
 """Large outputs of the CPU kernels are advised onto transparent huge pages before their first
-write (csrc/cpu/torch_glue.h), unless LITEFPN_CPU_HUGEPAGES=0."""
+write (csrc/cpu/common/torch_glue.h), unless LITEFPN_CPU_HUGEPAGES=0."""
 import os
 import subprocess
 import sys

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the cuda_emu package
 from cuda_emu import build as emu_build  # noqa: E402
 from cuda_emu import cases  # noqa: E402
 from cuda_emu.cases import DTYPES, F64, KINDS  # noqa: E402

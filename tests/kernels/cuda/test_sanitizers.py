@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the cuda_emu package
 from cuda_emu import build as emu_build  # noqa: E402
 
-EXERCISE = Path(__file__).resolve().parent / "cuda_emu" / "exercise.py"
+EXERCISE = Path(__file__).resolve().parents[2] / "cuda_emu" / "exercise.py"
 TIMEOUT_S = 600
 REPORT = {"asan": "ERROR: AddressSanitizer", "tsan": "WARNING: ThreadSanitizer"}
 
