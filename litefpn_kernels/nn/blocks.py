@@ -4,11 +4,15 @@ the fusion Fuse(A, B) with its optional SE / coordinate-attention gate, and the 
 Submodules are plain `nn.Conv2d` / `nn.BatchNorm2d` / `nn.Parameter` children, so one
 state_dict serves every backend and a plain copy.
 """
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..eager import FUSION_EPS, fusion_weights
+from ..ops import _distributed
 
 FUSE_MODES = ("add", "weighted")
 GATES = (None, "se", "coord")
@@ -22,6 +26,56 @@ SMOOTH_BN_GAMMA = 0.9
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def bn_args(bn: nn.modules.batchnorm._BatchNorm):
+    """(running_mean, running_var, training, momentum) exactly as nn.BatchNorm2d.forward derives
+    them for F.batch_norm, including its num_batches_tracked bookkeeping."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return (bn.running_mean if track else None, bn.running_var if track else None, training,
+            factor)
+
+
+_FUSED_PATH = threading.local()
+
+
+@contextlib.contextmanager
+def fused_path():
+    """While LiteFPN runs its fused path: every nn.SyncBatchNorm that synchronises (`batch_norm`)
+    takes SyncBatchNorm's semantics from `litefpn_kernels.ops` (any device), not PyTorch's
+    module (GPU only). Outside it, the modules are PyTorch's own."""
+    before = getattr(_FUSED_PATH, "on", False)
+    _FUSED_PATH.on = True
+    try:
+        yield
+    finally:
+        _FUSED_PATH.on = before
+
+
+def sync_group(bn):
+    """bn's process group if it is an nn.SyncBatchNorm that synchronises now (training, an
+    initialised group of more than one rank), else None."""
+    if not isinstance(bn, nn.SyncBatchNorm):
+        return None
+    key = _distributed.module_group_key(bn)
+    return _distributed.group_of(key) if key else None
+
+
+def batch_norm(bn, x):
+    """bn(x), except for a synchronising nn.SyncBatchNorm on the fused path (`fused_path`)."""
+    if isinstance(bn, nn.SyncBatchNorm) and getattr(_FUSED_PATH, "on", False):
+        key = _distributed.module_group_key(bn)
+        if key:
+            running_mean, running_var, _, momentum = bn_args(bn)
+            return _distributed.batch_norm(x, bn.weight, bn.bias, running_mean, running_var,
+                                           momentum, bn.eps, key)
+    return bn(x)
 
 
 class ConvBN(nn.Module):
@@ -43,7 +97,7 @@ class ConvBN(nn.Module):
         nn.init.constant_(self.bn.weight, self.bn_gamma)
 
     def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
+        return self.act(batch_norm(self.bn, self.conv(x)))
 
 
 def _gate_conv(in_ch, out_ch):
@@ -95,7 +149,7 @@ class CoordAtt(nn.Module):
         h, w = x.shape[2], x.shape[3]
         pool_h = x.mean(3, keepdim=True)                       # [N, C, H, 1]
         pool_w = x.mean(2, keepdim=True).transpose(2, 3)       # [N, C, W, 1]
-        y = self.act(self.bn1(self.conv1(torch.cat([pool_h, pool_w], dim=2))))
+        y = self.act(batch_norm(self.bn1, self.conv1(torch.cat([pool_h, pool_w], dim=2))))
         y_h, y_w = torch.split(y, [h, w], dim=2)
         a_h = torch.sigmoid(self.conv_h(y_h))                  # [N, C, H, 1]
         a_w = torch.sigmoid(self.conv_w(y_w.transpose(2, 3)))  # [N, C, 1, W]

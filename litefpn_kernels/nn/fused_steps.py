@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import registry
 from ..eager import up2
-from .blocks import ConvBN, CoordGate, Fuse
+from .blocks import ConvBN, CoordGate, Fuse, bn_args, sync_group  # noqa: F401 (bn_args: API)
 
 
 def coarse_fine(a, b, lateral_is_a: bool):
@@ -37,20 +37,6 @@ class EagerSteps:
     def top_down(lateral: ConvBN, fuse: Fuse, coarse: Tensor, z: Tensor,
                  lateral_is_a: bool) -> Tensor:
         return fuse(*coarse_fine(up2(coarse), lateral(z), lateral_is_a))
-
-
-def bn_args(bn: nn.BatchNorm2d):
-    """(running_mean, running_var, training, momentum) exactly as nn.BatchNorm2d.forward derives
-    them for F.batch_norm, including its num_batches_tracked bookkeeping."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(bn.num_batches_tracked)
-    training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    return (bn.running_mean if track else None, bn.running_var if track else None, training,
-            factor)
 
 
 def _autocast_input(t: Tensor) -> Tensor:
@@ -85,10 +71,12 @@ class FusedSteps:
         bn, silu = m.bn, isinstance(m.act, nn.SiLU)
         if bn.training or bn.running_mean is None:
             if silu and fused_bn_silu is not None:
+                group = sync_group(bn)  # before bn_args: nn.SyncBatchNorm's order
                 running_mean, running_var, training, momentum = bn_args(bn)
                 return ops.bn_silu(m.conv(x), bn.weight, bn.bias, running_mean, running_var,
-                                   training, momentum, bn.eps, backend=fused_bn_silu)
-            return m(x)
+                                   training, momentum, bn.eps, backend=fused_bn_silu,
+                                   process_group=group)
+            return m(x)  # a SyncBatchNorm synchronises there (blocks.batch_norm)
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         conv = m.conv
         weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
@@ -115,11 +103,12 @@ class FusedSteps:
             w_up, w_lat = coarse_fine(fuse.weight_a, fuse.weight_b, lateral_is_a)
         if fuse.gate is None:
             bn = lateral.bn
+            group = sync_group(bn)
             running_mean, running_var, training, momentum = bn_args(bn)
             return ops.lateral_up2_fuse(
                 coarse, _autocast_input(z), lateral.conv.weight, bn.weight, bn.bias, running_mean,
                 running_var, training, momentum, bn.eps, w_up, w_lat, eps=fuse.eps,
-                backend=self.backend)
+                backend=self.backend, process_group=group)
         lat = self.lateral(lateral, z)
         g_up, g_lat = coarse_fine(*fuse.gate.gates(*coarse_fine(coarse, lat, lateral_is_a)),
                                   lateral_is_a)

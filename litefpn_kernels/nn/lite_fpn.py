@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from .. import backends
 from ..eager import up2
 from .blocks import (DOWNS, FUSE_MODES, GATES, HR_FUSIONS, SMOOTH_BN_GAMMA, ConvBN, Down, Fuse,
-                     check_choice)
-from .fused_steps import steps_for
+                     check_choice, fused_path)
+from .fused_steps import EagerSteps, steps_for
 
 
 def _check_backend(value):
@@ -149,6 +149,14 @@ class LiteFPN(nn.Module):
         self._check_inputs(feats)
         # every fused level runs lateral_up2_fuse: the module's backend is resolved for it
         steps = steps_for(backends.resolve("lateral_up2_fuse", self.backend, feats[0].device))
+        if steps is not EagerSteps and any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+            # every BatchNorm of the fused path, fused or not, follows SyncBatchNorm's
+            # semantics (on any device); eager keeps PyTorch's modules (and their CPU error)
+            with fused_path():
+                return self._forward(steps, feats)
+        return self._forward(steps, feats)
+
+    def _forward(self, steps, feats) -> LiteFPNOutput:
         b1, b2, b3, b4 = feats
         p5 = steps.lateral(self.l5, b4)
         p4_td = steps.smooth(self.s4, steps.top_down(self.l4, self.fuse4,

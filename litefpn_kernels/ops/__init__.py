@@ -24,7 +24,9 @@ from .bn_silu import bn_silu
 from .lateral_up2_fuse import lateral_up2_fuse
 from .up2_fuse import up2_fuse
 
-for _op in ("up2_fuse", "lateral_up2_fuse", "bn_silu"):
-    forbid_double_backward(_op)
+forbid_double_backward("up2_fuse", ["up2_fuse_backward"])
+forbid_double_backward("lateral_up2_fuse",
+                       ["lateral_up2_fuse_backward_sums", "lateral_up2_fuse_backward"])
+forbid_double_backward("bn_silu", ["bn_silu_backward_sums", "bn_silu_backward"])
 
 __all__ = ["up2_fuse", "lateral_up2_fuse", "bn_silu"]

@@ -28,12 +28,14 @@ def check_supported(op, *tensors):
                            f"supported by the fused kernels{_HINT}")
 
 
-def forbid_double_backward(op):
-    """Registers an autograd formula on `litefpn::<op>_backward` that raises on use: a double
-    backward (create_graph=True, then a second backward) gets this error naming `op`."""
+def forbid_double_backward(op, backward_ops):
+    """Registers an autograd formula that raises on each of `op`'s backward ops (the passes its
+    backward runs: `litefpn::<name>`): a double backward (create_graph=True, then a second
+    backward) gets this error naming `op` instead of PyTorch's about an internal op."""
     def _raise(ctx, *grads):
         raise RuntimeError(f"litefpn::{op}: double backward (a gradient of its gradient) is not "
                            f"supported by the fused kernels{_HINT}")
 
-    torch.library.register_autograd(f"litefpn::{op}_backward", _raise,
-                                    setup_context=lambda ctx, inputs, output: None)
+    for name in backward_ops:
+        torch.library.register_autograd(f"litefpn::{name}", _raise,
+                                        setup_context=lambda ctx, inputs, output: None)

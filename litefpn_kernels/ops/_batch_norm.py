@@ -6,8 +6,10 @@ import torch
 
 def pilot(x, acc):
     """A per-channel centre for x's sums (one of its own values): keeps the fp32 moment sums
-    accurate when x's mean is large against its spread."""
-    return x[0, :, 0, 0].to(acc).contiguous()
+    accurate when x's mean is large against its spread. A non-finite value is replaced by 0:
+    centred on +-Inf, every term would be NaN (Inf - Inf) where eager's plain sums give +-Inf."""
+    p = x[0, :, 0, 0].to(acc)
+    return torch.where(torch.isfinite(p), p, torch.zeros_like(p)).contiguous()
 
 
 def count(x):
@@ -45,8 +47,27 @@ def affine(bn_weight, bn_bias, mean, var, bn_eps, acc):
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum):
     """F.batch_norm's update from a batch's mean and biased variance over `n` values:
-    running = (1 - momentum)*running + momentum*batch, with the unbiased variance."""
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_((momentum * mean).to(running_mean.dtype))
-        running_var.mul_(1 - momentum).add_(
-            (momentum * n / (n - 1) * var).to(running_var.dtype))
+    running = (1 - momentum)*running + momentum*batch, with the unbiased variance.
+
+    A mutating custom op (like aten's batch_norm, which updates in place inside the op): it runs
+    before the autograd op that normalises, so activation checkpointing's recomputation, which
+    stops once that op has saved its tensors, still updates the statistics a second time, as
+    eager's nn.BatchNorm2d does."""
+    if running_mean is not None and n > 0:
+        torch.ops.litefpn.batch_norm_update_stats(running_mean, running_var, mean, var, int(n),
+                                                  float(momentum))
+
+
+@torch.library.custom_op("litefpn::batch_norm_update_stats",
+                         mutates_args=("running_mean", "running_var"))
+def _update_op(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+               var: torch.Tensor, n: int, momentum: float) -> None:
+    running_mean.mul_(1 - momentum).add_((momentum * mean).to(running_mean.dtype))
+    # n == 1 (a single value per channel, only reachable through a synchronised batch of
+    # one per rank that sums to one) would divide by zero; F.batch_norm rejects it earlier
+    running_var.mul_(1 - momentum).add_((momentum * n / max(n - 1, 1) * var).to(running_var.dtype))
+
+
+@_update_op.register_fake
+def _(running_mean, running_var, mean, var, n, momentum):
+    return None

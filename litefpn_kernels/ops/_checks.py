@@ -109,7 +109,18 @@ def batch_norm_args(c, ref_name, ref, bn_weight, bn_bias, running_mean, running_
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var (eval BatchNorm "
                          "normalises with the running statistics)")
-    non_negative("bn_eps", bn_eps)
+    bn_eps_value(bn_eps, training)
+
+
+def bn_eps_value(bn_eps, training):
+    """F.batch_norm's own checks and messages: eps > 0 in training (1/sqrt(var + eps) of a
+    constant channel would be Inf), eps >= 0 in eval."""
+    if not isinstance(bn_eps, (int, float)):
+        raise TypeError(f"bn_eps must be a number, got {type(bn_eps).__name__}")
+    if training and not bn_eps > 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {bn_eps}")
+    if not bn_eps >= 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {bn_eps}")
 
 
 # ----------------------------------------------------------------------------- per operator
@@ -135,17 +146,20 @@ def lateral_up2_fuse(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, r
         raise ValueError(f"conv_weight must be a floating point tensor on {z.device}, got "
                          f"{conv_weight.dtype} on {conv_weight.device}")
     batch_norm_args(c, "z", z, bn_weight, bn_bias, running_mean, running_var, training, bn_eps)
-    momentum_value(momentum)
+    if momentum is not None:  # None: the op that normalises does not take it
+        momentum_value(momentum)
     fusion_params("coarse", coarse, w_coarse, w_fine, gate_coarse, gate_fine, eps)
     # (z is 2x coarse spatially, so a non-empty batch has >= 4 values per channel: F.batch_norm's
     # "more than 1 value per channel when training" cannot arise.)
 
 
-def bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps):
+def bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps, synced=False):
+    """`synced`: the batch statistics are the global batch's (a process group), so one value
+    per channel on this rank is fine, as in nn.SyncBatchNorm."""
     four_d("x", x)
     batch_norm_args(x.shape[1], "x", x, bn_weight, bn_bias, running_mean, running_var, training,
                     bn_eps)
-    if training and x.numel() > 0 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+    if training and not synced and x.numel() > 0 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{list(x.shape)}")  # F.batch_norm's own check
 

@@ -5,137 +5,202 @@ Order: public function -> custom op + checking fake -> backward op + checking fa
 Two passes over x forward (statistics, then normalise + SiLU) and two backward (per-channel
 sums, then grad_x), instead of eager's BN and SiLU passes and their saved intermediate. Only x
 and per-channel vectors are saved: the BN output is recomputed in the backward, never stored.
+
+Each pass is its own op, so a synchronised BatchNorm (`process_group`, `_distributed.py`) puts
+its collective between two passes: `bn_silu_stats` (local moments) -> all_gather -> running
+statistics (`batch_norm_update_stats`, mutating, before the autograd op: see `_batch_norm`) ->
+`bn_silu` (normalise + SiLU; autograd) whose backward is `bn_silu_backward_sums` ->
+all_reduce -> `bn_silu_backward`.
 Kernel contracts: csrc/ops.cpp (`_bn_silu_*`); the statistics are taken around a per-channel
 pilot value of x (as lateral_up2_fuse does for z), so fp32 sums stay accurate for a large mean.
 """
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends, eager
 from ..backends import registry
-from . import _autograd_support, _batch_norm, _checks
+from . import _autograd_support, _batch_norm, _checks, _distributed
 from ._tensor import acc_dtype, empty_in_format
 
 
 def bn_silu(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor],
             running_var: Optional[Tensor], training: bool, momentum: float = 0.1,
-            bn_eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+            bn_eps: float = 1e-5, *, backend: str = "auto", process_group=None) -> Tensor:
     """``F.silu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training,
     momentum, bn_eps))`` with F.batch_norm's exact semantics (running statistics updated in
     place in training, unbiased variance), without storing the BatchNorm output.
 
     x: [N, C, H, W]; the vectors [C]. The output has x's dtype and memory format. Backends:
     "eager" (the composition above) and "cpu"; "auto" is "cpu" for CPU tensors when the
-    extension is built, else "eager" (no GPU kernels yet).
+    extension is built, else "eager" (no GPU kernels yet). `process_group` (a torch.distributed
+    group): in training with more than one rank, normalise with the statistics of the global
+    batch, as nn.SyncBatchNorm does (on any device); None: this process's batch.
     """
     name = backends.resolve("bn_silu", backend, _checks.device_of("x", x))
     if name != "eager":
         _autograd_support.check_supported("bn_silu", x, bn_weight, bn_bias)
     _checks.momentum_value(momentum)  # the op does not take it: checked here, on every path
+    key = _distributed.group_key(process_group) if training is True else ""
+    _checks.bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps,
+                    synced=bool(key))
     if name == "eager":
-        _checks.bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps)
+        if key:
+            return F.silu(_distributed.batch_norm(x, bn_weight, bn_bias, running_mean,
+                                                  running_var, momentum, bn_eps, key))
         return eager.bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training,
                              momentum, bn_eps)
-    _checks.training_flag(training)  # the schema's bool would reject it less clearly
-    y, mean, var = torch.ops.litefpn.bn_silu(x, bn_weight, bn_bias, running_mean, running_var,
-                                             training, float(bn_eps), name)
-    if training and running_mean is not None and x.numel() > 0:
+    if key:
+        return _synced(x, bn_weight, bn_bias, running_mean, running_var, momentum, bn_eps, key,
+                       name)
+    if training:
+        mean, var = torch.ops.litefpn.bn_silu_stats(x.detach(), name)
         _batch_norm.update_running_stats(running_mean, running_var, mean, var,
                                          _batch_norm.count(x), momentum)
-    return y
+    else:
+        mean, var = running_mean, running_var
+    return torch.ops.litefpn.bn_silu(x, bn_weight, bn_bias, mean, var, training, float(bn_eps),
+                                     name, "")
+
+
+@torch._dynamo.disable  # collectives: the distributed path runs outside compiled graphs
+def _synced(x, bn_weight, bn_bias, running_mean, running_var, momentum, bn_eps, key, name):
+    """Training with the global batch's statistics: local moments, all_gather, then apply."""
+    mean, var = torch.ops.litefpn.bn_silu_stats(x.detach(), name)
+    mean, var, total, _ = _distributed.global_moments(key, _batch_norm.count(x), mean, var)
+    _batch_norm.update_running_stats(running_mean, running_var, mean, var, total, momentum)
+    return torch.ops.litefpn.bn_silu(x, bn_weight, bn_bias, mean, var, True, float(bn_eps),
+                                     name, key)
+
+
+# ----------------------------------------------------------------------------- statistics op
+@torch.library.custom_op("litefpn::bn_silu_stats", mutates_args=())
+def _bn_silu_stats_op(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """-> (mean, biased var) of x per channel ([C], accumulation dtype; zeros for an empty
+    batch): the statistics pass, summed around a per-channel pilot value of x."""
+    _checks.four_d("x", x)
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        zeros = x.new_zeros((x.shape[1],), dtype=acc)
+        return zeros, zeros.clone()
+    k = registry.kernels("bn_silu", backend)
+    center = _batch_norm.pilot(x, acc)
+    s1, s2 = k.stats(x, center)
+    return _batch_norm.centred_moments(s1, s2, center, _batch_norm.count(x))
+
+
+@_bn_silu_stats_op.register_fake
+def _(x, backend):
+    _checks.four_d("x", x)
+    acc = acc_dtype(x.dtype)
+    return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
 
 
 # ----------------------------------------------------------------------------- forward op
 @torch.library.custom_op("litefpn::bn_silu", mutates_args=())
-def _bn_silu_op(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor],
-                running_var: Optional[Tensor], training: bool, bn_eps: float, backend: str
-                ) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (y, mean, var): the batch mean and biased variance ([C], accumulation dtype) in
-    training, for the backward and for `bn_silu`'s running-statistics update; [0] in eval."""
-    _checks.bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps)
-    acc = acc_dtype(x.dtype)
-    mean, var = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+def _bn_silu_op(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var: Tensor,
+                training: bool, bn_eps: float, backend: str, group_key: str) -> Tensor:
+    """SiLU((x - mean)/sqrt(var + eps)*gamma + beta): the apply pass. `mean`, `var` are the
+    statistics to normalise with: the batch's (`bn_silu_stats`, or the global batch's when
+    `group_key` names a process group) in training, the running ones in eval; `training` says
+    whether the backward propagates through them."""
+    _checks.bn_silu(x, bn_weight, bn_bias, mean, var, training, bn_eps, synced=bool(group_key))
     if x.numel() == 0:
-        return empty_in_format(x, x.shape), mean, var
-    k = registry.kernels("bn_silu", backend)
-    if training:
-        center = _batch_norm.pilot(x, acc)
-        s1, s2 = k.stats(x, center)
-        mean, var = _batch_norm.centred_moments(s1, s2, center, _batch_norm.count(x))
-        scale, shift, _ = _batch_norm.affine(bn_weight, bn_bias, mean, var, bn_eps, acc)
-    else:
-        scale, shift, _ = _batch_norm.affine(bn_weight, bn_bias, running_mean.to(acc),
-                                             running_var.to(acc), bn_eps, acc)
-    return k.fwd(x, scale, shift), mean, var
+        return empty_in_format(x, x.shape)
+    acc = acc_dtype(x.dtype)
+    scale, shift, _ = _batch_norm.affine(bn_weight, bn_bias, mean.to(acc), var.to(acc), bn_eps,
+                                         acc)
+    return registry.kernels("bn_silu", backend).fwd(x, scale, shift)
 
 
 @_bn_silu_op.register_fake
-def _(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps, backend):
-    _checks.bn_silu(x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps)
-    stats = (x.shape[1],) if training and x.numel() > 0 else (0,)
+def _(x, bn_weight, bn_bias, mean, var, training, bn_eps, backend, group_key):
+    _checks.bn_silu(x, bn_weight, bn_bias, mean, var, training, bn_eps, synced=bool(group_key))
+    return empty_in_format(x, x.shape)
+
+
+# ----------------------------------------------------------------------------- backward ops
+@torch.library.custom_op("litefpn::bn_silu_backward_sums", mutates_args=())
+def _bn_silu_backward_sums_op(grad_out: Tensor, x: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                              mean: Tensor, var: Tensor, bn_eps: float, backend: str
+                              ) -> Tuple[Tensor, Tensor]:
+    """-> (s1, s2) = (sum dz, sum dz*(x - mean)) per channel, dz = grad_out*silu'(BN(x)): the
+    sums pass of the backward (zeros for an empty batch)."""
     acc = acc_dtype(x.dtype)
-    return (empty_in_format(x, x.shape), x.new_empty(stats, dtype=acc),
-            x.new_empty(stats, dtype=acc))
+    if x.numel() == 0:
+        zeros = x.new_zeros((x.shape[1],), dtype=acc)
+        return zeros, zeros.clone()
+    mean, var = mean.to(acc).contiguous(), var.to(acc)
+    scale, shift, _ = _batch_norm.affine(bn_weight, bn_bias, mean, var, bn_eps, acc)
+    return registry.kernels("bn_silu", backend).bwd_sums(grad_out, x, scale, shift, mean)
 
 
-# ----------------------------------------------------------------------------- backward op
+@_bn_silu_backward_sums_op.register_fake
+def _(grad_out, x, bn_weight, bn_bias, mean, var, bn_eps, backend):
+    torch._check(grad_out.shape == x.shape, lambda: "grad_out must be shaped like x")
+    _checks.fake_vector("bn_weight", bn_weight, x.shape[1])
+    acc = acc_dtype(x.dtype)
+    return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+
+
 @torch.library.custom_op("litefpn::bn_silu_backward", mutates_args=())
 def _bn_silu_backward_op(grad_out: Tensor, x: Tensor, bn_weight: Tensor, bn_bias: Tensor,
-                         mean: Tensor, var: Tensor, training: bool, bn_eps: float, backend: str
-                         ) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (grad_x, grad_bn_weight, grad_bn_bias); `mean`, `var` are the statistics the forward
-    normalised with (batch ones in training, running ones in eval).
+                         mean: Tensor, var: Tensor, s1: Tensor, s2: Tensor, count: int,
+                         training: bool, bn_eps: float, backend: str) -> Tensor:
+    """-> grad_x, the grad_x pass. `s1`, `s2` are `bn_silu_backward_sums` over the batch the
+    statistics came from (all-reduced over the group when synchronised), `count` its values
+    per channel.
 
-    With a = BN(x), dz = grad_out * silu'(a), r = 1/sqrt(var + eps), M = N*H*W and the kernel
-    sums s1 = sum dz, s2 = sum dz*(x - mean):  d_bias = s1, d_weight = r*s2;
+    With a = BN(x), dz = grad_out * silu'(a), r = 1/sqrt(var + eps), M = count:
     train: grad_x = gamma*r*(dz - s1/M - (x - mean)*r^2*s2/M);  eval: grad_x = gamma*r*dz.
+    (d_bias = s1, d_weight = r*s2 over the local batch: `_backward`.)
     """
     acc = acc_dtype(x.dtype)
     if x.numel() == 0:
-        return torch.zeros_like(x), torch.zeros_like(bn_weight), torch.zeros_like(bn_bias)
+        return torch.zeros_like(x)
     k = registry.kernels("bn_silu", backend)
     mean, var = mean.to(acc).contiguous(), var.to(acc)
     scale, shift, r = _batch_norm.affine(bn_weight, bn_bias, mean, var, bn_eps, acc)
-    s1, s2 = k.bwd_sums(grad_out, x, scale, shift, mean)
     if training:
-        count = _batch_norm.count(x)
         k_x = -scale * r * r * s2 / count
         k_0 = -mean * k_x - scale * s1 / count
     else:
         k_x = k_0 = torch.zeros_like(scale)
-    grad_x = k.bwd(grad_out, x, scale, shift, scale, k_x.contiguous(), k_0.contiguous())
-    return grad_x, (r * s2).to(bn_weight.dtype), s1.to(bn_bias.dtype)
+    return k.bwd(grad_out, x, scale, shift, scale, k_x.contiguous(), k_0.contiguous())
 
 
 @_bn_silu_backward_op.register_fake
-def _(grad_out, x, bn_weight, bn_bias, mean, var, training, bn_eps, backend):
+def _(grad_out, x, bn_weight, bn_bias, mean, var, s1, s2, count, training, bn_eps, backend):
     torch._check(grad_out.shape == x.shape, lambda: "grad_out must be shaped like x")
     _checks.fake_vector("bn_weight", bn_weight, x.shape[1])
-    return empty_in_format(x, x.shape), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
+    return empty_in_format(x, x.shape)
 
 
 # ----------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    x, bn_weight, bn_bias, running_mean, running_var, training, bn_eps, backend = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    if training:  # the batch statistics; the running ones are updated in place after the op
-        running_mean = running_var = None
-    ctx.save_for_backward(x, bn_weight, bn_bias, mean, var, running_mean, running_var)
-    ctx.training, ctx.bn_eps, ctx.backend = training, bn_eps, backend
+    x, bn_weight, bn_bias, mean, var, training, bn_eps, backend, group_key = inputs
+    ctx.save_for_backward(x, bn_weight, bn_bias, mean, var)
+    ctx.training, ctx.bn_eps, ctx.backend, ctx.group_key = training, bn_eps, backend, group_key
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
-    x, bn_weight, bn_bias, mean, var, running_mean, running_var = ctx.saved_tensors
-    if not ctx.training:
-        mean, var = running_mean, running_var
-    grad_x, grad_w, grad_b = torch.ops.litefpn.bn_silu_backward(
-        grad_out, x, bn_weight, bn_bias, mean, var, ctx.training, ctx.bn_eps, ctx.backend)
+def _backward(ctx, grad_out):
+    x, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    s1, s2 = torch.ops.litefpn.bn_silu_backward_sums(grad_out, x, bn_weight, bn_bias, mean, var,
+                                                     ctx.bn_eps, ctx.backend)
+    count, g1, g2 = _batch_norm.count(x), s1, s2
+    if ctx.group_key:  # every rank joins, even one whose grad_x is not needed
+        count, g1, g2 = _distributed.all_reduce_sums(ctx.group_key, count, s1, s2)
     need = ctx.needs_input_grad
-    return (grad_x if need[0] else None, grad_w if need[1] else None,
-            grad_b if need[2] else None, None, None, None, None, None)
+    grad_x = None
+    if need[0]:
+        grad_x = torch.ops.litefpn.bn_silu_backward(grad_out, x, bn_weight, bn_bias, mean, var,
+                                                    g1, g2, count, ctx.training, ctx.bn_eps,
+                                                    ctx.backend)
+    r = torch.rsqrt(var.to(s2.dtype) + ctx.bn_eps)
+    return (grad_x, (r * s2).to(bn_weight.dtype) if need[1] else None,
+            s1.to(bn_bias.dtype) if need[2] else None, None, None, None, None, None, None)
 
 
 _bn_silu_op.register_autograd(_backward, setup_context=_setup_context)

@@ -174,11 +174,24 @@ def test_backward_is_bitwise_deterministic(backend, kind):
 
 
 def test_opcheck(backend):
+    """Every op of the split: statistics, running-statistics update (mutating), apply (with
+    autograd), and the two backward passes."""
+    o = torch.ops.litefpn
+    x, kw = make_inputs((2, 3, 3, 4), torch.float64, requires_grad=True)
+    mean, var = o.bn_silu_stats(x.detach(), backend)
+    torch.library.opcheck(o.bn_silu_stats.default, (x.detach(), backend))
+    torch.library.opcheck(o.batch_norm_update_stats.default,
+                          (kw["running_mean"], kw["running_var"], mean, var, 72, 0.1))
     for training in (False, True):
-        x, kw = make_inputs((2, 3, 3, 4), torch.float64, requires_grad=True)
-        torch.library.opcheck(torch.ops.litefpn.bn_silu.default,
-                              (x, kw["bn_weight"], kw["bn_bias"], kw["running_mean"],
-                               kw["running_var"], training, 1e-5, backend))
+        stats = (mean, var) if training else (kw["running_mean"], kw["running_var"])
+        torch.library.opcheck(o.bn_silu.default, (x, kw["bn_weight"], kw["bn_bias"], *stats,
+                                                  training, 1e-5, backend, ""))
+        g = torch.randn_like(x)
+        args = (g, x.detach(), kw["bn_weight"].detach(), kw["bn_bias"].detach(), *stats)
+        s1, s2 = o.bn_silu_backward_sums(*args, 1e-5, backend)
+        torch.library.opcheck(o.bn_silu_backward_sums.default, args + (1e-5, backend))
+        torch.library.opcheck(o.bn_silu_backward.default,
+                              args + (s1, s2, 72, training, 1e-5, backend))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

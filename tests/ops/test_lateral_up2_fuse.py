@@ -208,10 +208,33 @@ def test_opcheck(backend_device):
     for kind, training, gates in (("contiguous", True, False), ("channels_last", False, True)):
         coarse, z, kw = make_inputs((2, 3, 4, 2, 3), torch.float64, device, kind, gates=gates,
                                     requires_grad=True)
-        args = (coarse, z, kw["conv_weight"], kw["bn_weight"], kw["bn_bias"],
-                kw["running_mean"], kw["running_var"], training, 0.1, 1e-5, kw["w_coarse"],
-                kw["w_fine"], kw.get("gate_coarse"), kw.get("gate_fine"), 1e-4, backend)
-        torch.library.opcheck(torch.ops.litefpn.lateral_up2_fuse.default, args)
+        o = torch.ops.litefpn
+        torch.library.opcheck(o.lateral_moments.default, (z.detach(), backend))
+        acc = z.dtype
+        if training:
+            mean_z, cov_z = o.lateral_moments(z.detach(), backend)
+            w = kw["conv_weight"].detach()[:, :, 0, 0]
+            stat_mean, stat_var = w @ mean_z, ((w @ cov_z) * w).sum(1)
+        else:
+            mean_z, cov_z = z.new_empty((0,), dtype=acc), z.new_empty((0, 0), dtype=acc)
+            stat_mean, stat_var = kw["running_mean"], kw["running_var"]
+        delta = z.new_empty((0,), dtype=acc)
+        args = (coarse, z, kw["conv_weight"], kw["bn_weight"], kw["bn_bias"], stat_mean,
+                stat_var, mean_z, cov_z, delta, training, 1e-5, kw["w_coarse"],
+                kw["w_fine"], kw.get("gate_coarse"), kw.get("gate_fine"), 1e-4, backend, "")
+        torch.library.opcheck(o.lateral_up2_fuse.default, args)
+        d = lambda t: None if t is None else t.detach()  # noqa: E731
+        g = torch.randn(2, 4, 4, 6, dtype=acc, device=device)
+        sums_args = (g, d(z), d(kw["conv_weight"]), d(kw["bn_weight"]), d(kw["bn_bias"]),
+                     stat_mean, stat_var, mean_z, training, 1e-5, d(kw["w_coarse"]),
+                     d(kw["w_fine"]), d(kw.get("gate_fine")), 1e-4, True, backend)
+        torch.library.opcheck(o.lateral_up2_fuse_backward_sums.default, sums_args)
+        a_sum, s, d_gamma, _ = o.lateral_up2_fuse_backward_sums(*sums_args)
+        torch.library.opcheck(o.lateral_up2_fuse_backward.default, (
+            g, d(coarse), d(z), d(kw["conv_weight"]), d(kw["bn_weight"]), stat_var, mean_z,
+            cov_z, delta, a_sum, s, s, d_gamma, 2 * 4 * 6, training, 1e-5, d(kw["w_coarse"]),
+            d(kw["w_fine"]), d(kw.get("gate_coarse")), d(kw.get("gate_fine")), 1e-4, True,
+            backend))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -276,7 +299,7 @@ def test_bad_inputs_name_the_argument():
         (dict(running_var=None), ValueError, "running_mean and running_var must be given together"),
         (dict(running_mean=None, running_var=None, training=False), ValueError, "training=False needs"),
         (dict(momentum=1.5), ValueError, "momentum"),
-        (dict(bn_eps=-1.0), ValueError, "bn_eps"),
+        (dict(bn_eps=-1.0), ValueError, "batch_norm eps must be positive during training"),
         (dict(w_fine=None), ValueError, "w_coarse and w_fine"),
         (dict(gate_fine=torch.ones(2, 4)), ValueError, "gate_fine must have shape \\[N, C\\]"),
         (dict(backend="tpu"), ValueError, "backend must be"),
