@@ -1,7 +1,8 @@
 """Fixtures and session set-up only; helpers live in tests/support/.
 
 Layout (mirrors the package): ops/ (every backend vs eager, per op), kernels/<backend>/ (each
-kernel against its contract), nn/ (the module), build/ (compile checks without a GPU),
+kernel against its contract), nn/ (the module), compile/ (nvcc and Triton AOT checks without a GPU;
+"build" would be skipped by pytest's default norecursedirs),
 integration/ (training parity), gpu/ (the GPU-session harness and its dry run).
 """
 import os
