@@ -360,7 +360,7 @@ def plot(records, path, machine):
         ax.margins(y=0.12)
         ax.set_title(f"{machine}: {dtype}{' (autocast for the neck)' if dtype != 'fp32' else ''}, "
                      f"{layout}, batch {batch}", fontsize=10)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
