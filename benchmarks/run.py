@@ -23,7 +23,13 @@ import statistics
 import sys
 import time
 
-import torch
+# The CPU peak-memory measurement runs torch.profiler, whose kineto library prints
+# "USDT: ... profiler_start/stop" (its USDT log level, 5) to stderr at every session; level 6
+# is above every kineto message. Set before the first profiler session (kineto reads it lazily);
+# a value the user set wins.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+import torch  # noqa: E402
 
 from . import cases
 
@@ -127,21 +133,68 @@ def build_cases(op, level, impl, batch, dtype, device, channels_last):
     return cases.neck_case(impl, batch, dtype, device, channels_last)
 
 
+def cpu_native_bf16():
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def parse_args(argv):
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if gpu else "cpu")
-    p.add_argument("--batch", type=int, default=256 if gpu else 8)
-    p.add_argument("--dtypes", default="bf16,fp16" if gpu else "fp32")
-    p.add_argument("--layouts", default="channels_last,contiguous")
-    p.add_argument("--ops", default="up2_fuse,lateral_up2_fuse,bn_silu,neck")
-    p.add_argument("--levels", default="1/16,1/8,1/4" if gpu else "1/4")
-    p.add_argument("--passes", default=",".join(cases.PASSES))
+    cpu_dtypes = "fp32,bf16" if cpu_native_bf16() else "fp32"
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Progress ([k/n], elapsed, ETA) goes to stderr; the report to stdout and to "
+               "--out.{json,md,png}.",
+    )
+    p.add_argument("--device", default="cuda" if gpu else "cpu",
+                   help="device to time on: cuda (if present) or cpu; default: %(default)s")
+    p.add_argument("--batch", default="256" if gpu else "1,8",
+                   help="comma list of batch sizes; every row is timed at each; default: %(default)s")
+    p.add_argument("--dtypes", default="bf16,fp16" if gpu else cpu_dtypes,
+                   help="comma list of fp32, bf16, fp16: the activation dtype of the op rows; "
+                        "the neck rows keep fp32 parameters and run bf16/fp16 under "
+                        "torch.autocast. The CPU default adds bf16 only where the CPU has "
+                        "native bf16 (avx512_bf16 / amx_bf16); default: %(default)s")
+    p.add_argument("--layouts", default="channels_last,contiguous",
+                   help="comma list of memory formats: channels_last, contiguous; default: %(default)s")
+    p.add_argument("--ops", default="up2_fuse,lateral_up2_fuse,bn_silu,neck",
+                   help="comma list of steps: up2_fuse, lateral_up2_fuse, bn_silu (each at "
+                        "--levels), neck (the whole module, fuse='weighted'); default: %(default)s")
+    p.add_argument("--levels", default="1/16,1/8,1/4" if gpu else "1/4",
+                   help="comma list of pyramid levels the op rows run at (1/16, 1/8, 1/4); default: %(default)s")
+    p.add_argument("--passes", default=",".join(cases.PASSES),
+                   help="comma list of fwd (training forward), fwd_bwd (training step) and "
+                        "eval (no_grad, BatchNorm on running statistics); default: %(default)s")
     p.add_argument("--impls", default=None,
-                   help="comma list of eager,compile,<fused backends>; default: all that run here")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--out", default=None, help="output path without extension")
+                   help="comma list of eager, compile and fused backends (cpu, triton, cuda); "
+                        "default: all that run here")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads (torch.set_num_threads); ignored on GPU; default: %(default)s")
+    p.add_argument("--budget", type=float, default=2.0,
+                   help="CPU: seconds of timing rounds per row group (at least 7 rounds); default: %(default)s")
+    p.add_argument("--out", default=None,
+                   help="output path without extension (default benchmarks/results/<machine>)")
     return p.parse_args(argv)
+
+
+class Progress:
+    """`[k/n] what (elapsed, ETA)` lines on stderr, one per timed group."""
+
+    def __init__(self, total):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def step(self, what):
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"[{self.done}/{self.total}] {what}  (elapsed {elapsed:.0f} s, ETA {eta:.0f} s)",
+              file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -158,58 +211,79 @@ def main(argv=None):
     out_base = args.out or os.path.join(RESULTS_DIR, machine)
     os.makedirs(os.path.dirname(out_base) or ".", exist_ok=True)
     meta = {"device": machine, "torch": torch.__version__, "triton": triton_version}
+    dtype_names = args.dtypes.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    layouts = args.layouts.split(",")
+    ops_ = args.ops.split(",")
     passes = args.passes.split(",")
+    native_bf16 = device.type != "cpu" or cpu_native_bf16()
     print(f"# litefpn_kernels benchmark on {machine} (torch {torch.__version__}, "
           f"triton {triton_version}, batch {args.batch}"
           f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'})",
           flush=True)
+    if device.type == "cpu" and "bf16" in dtype_names and not native_bf16:
+        print("# note: this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 rows run "
+              "emulated conversions and say little about bf16 serving", flush=True)
 
+    def levels_of(op):
+        return [None] if op == "neck" else args.levels.split(",")
+
+    groups_per_setting = 1 + sum(len(levels_of(op)) * len(passes) for op in ops_)
+    progress = Progress(len(dtype_names) * len(layouts) * len(batches) * groups_per_setting)
     records = []
-    for dtype_name in args.dtypes.split(","):
+    for dtype_name in dtype_names:
         dtype = DTYPES[dtype_name]
-        for layout in args.layouts.split(","):
+        for layout in layouts:
             channels_last = layout == "channels_last"
-            copy = cases.copy_case(args.batch, dtype, device, channels_last)
-            copy_ms = time_ms(copy.run["eval"], device)
-            copy_gbps = copy.bytes["eval"] / copy_ms / 1e6
-            print(f"[{dtype_name} {layout}] copy of a 1/4-level map: {copy_ms:.3f} ms, "
-                  f"{copy_gbps:.1f} GB/s", flush=True)
-            records.append(dict(op="copy", backend="torch", **{"pass": "eval"}, dtype=dtype_name,
-                                layout=layout, batch=args.batch, median_ms=copy_ms,
-                                gbps=copy_gbps, pct_copy_bw=100.0, peak_mem_mb=None,
-                                speedup_vs_eager=None, speedup_vs_compile=None, **meta))
-            for op in args.ops.split(","):
-                levels = [None] if op == "neck" else args.levels.split(",")
-                impls = cases.impls_for(op, device)
-                if args.impls:
-                    impls = [i for i in impls if i in args.impls.split(",")]
-                for level in levels:
-                    group = []
-                    built = {impl: build_cases(op, level, impl, args.batch, dtype, device,
-                                               channels_last) for impl in impls}
-                    for pass_name in passes:
-                        fns = {impl: case.run[pass_name] for impl, case in built.items()}
-                        medians, rounds = time_side_by_side(fns, device)
-                        for impl, case in built.items():
-                            ms = medians[impl]
-                            mem = peak_mem_mb(fns[impl], device)
-                            nbytes = case.bytes[pass_name]
-                            gbps = nbytes / ms / 1e6 if nbytes else None
-                            rec = dict(op=case.op, backend=impl, **{"pass": pass_name},
-                                       dtype=dtype_name, layout=layout, batch=args.batch,
-                                       median_ms=ms, gbps=gbps,
-                                       pct_copy_bw=100.0 * gbps / copy_gbps if gbps else None,
-                                       peak_mem_mb=mem,
-                                       speedup_vs_eager=speedup("eager", impl, medians, rounds),
-                                       speedup_vs_compile=speedup("compile", impl, medians,
-                                                                  rounds),
-                                       **meta)
-                            group.append(rec)
-                            bw = f"{gbps:8.1f} GB/s ({rec['pct_copy_bw']:5.1f}% copy)" if gbps else ""
-                            print(f"[{dtype_name} {layout}] {case.op:24s} {pass_name:8s} "
-                                  f"{impl:8s} {ms:10.3f} ms {bw} peak {mem:8.1f} MB", flush=True)
-                    del built
-                    records.extend(group)
+            for batch in batches:
+                tag = f"[{dtype_name} {layout} B={batch}]"
+                copy = cases.copy_case(batch, dtype, device, channels_last)
+                copy_ms = time_ms(copy.run["eval"], device)
+                copy_gbps = copy.bytes["eval"] / copy_ms / 1e6
+                progress.step(f"{tag} copy")
+                print(f"{tag} copy of a 1/4-level map: {copy_ms:.3f} ms, {copy_gbps:.1f} GB/s",
+                      flush=True)
+                records.append(dict(op="copy", backend="torch", **{"pass": "eval"},
+                                    dtype=dtype_name, layout=layout, batch=batch,
+                                    median_ms=copy_ms, gbps=copy_gbps, pct_copy_bw=100.0,
+                                    peak_mem_mb=None, speedup_vs_eager=None,
+                                    speedup_vs_compile=None, **meta))
+                for op in ops_:
+                    impls = cases.impls_for(op, device)
+                    if args.impls:
+                        impls = [i for i in impls if i in args.impls.split(",")]
+                    for level in levels_of(op):
+                        group = []
+                        built = {impl: build_cases(op, level, impl, batch, dtype, device,
+                                                   channels_last) for impl in impls}
+                        for pass_name in passes:
+                            fns = {impl: case.run[pass_name] for impl, case in built.items()}
+                            medians, rounds = time_side_by_side(fns, device,
+                                                                budget_s=args.budget)
+                            for impl, case in built.items():
+                                ms = medians[impl]
+                                mem = peak_mem_mb(fns[impl], device)
+                                nbytes = case.bytes[pass_name]
+                                gbps = nbytes / ms / 1e6 if nbytes else None
+                                rec = dict(op=case.op, backend=impl, **{"pass": pass_name},
+                                           dtype=dtype_name, layout=layout, batch=batch,
+                                           median_ms=ms, gbps=gbps,
+                                           pct_copy_bw=100.0 * gbps / copy_gbps if gbps else None,
+                                           peak_mem_mb=mem,
+                                           speedup_vs_eager=speedup("eager", impl, medians,
+                                                                    rounds),
+                                           speedup_vs_compile=speedup("compile", impl, medians,
+                                                                      rounds),
+                                           **meta)
+                                group.append(rec)
+                                bw = (f"{gbps:8.1f} GB/s ({rec['pct_copy_bw']:5.1f}% copy)"
+                                      if gbps else "")
+                                print(f"{tag} {case.op:24s} {pass_name:8s} {impl:8s} "
+                                      f"{ms:10.3f} ms {bw} peak {mem:8.1f} MB", flush=True)
+                            progress.step(f"{tag} {op}{'@' + level if level else ''} "
+                                          f"{pass_name}")
+                        del built
+                        records.extend(group)
 
     with open(out_base + ".json", "w") as f:
         json.dump(records, f, indent=1)
@@ -226,45 +300,67 @@ def _f(v, fmt):
 
 def markdown(records, meta, args):
     lines = [f"# litefpn_kernels benchmark: {meta['device']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, batch {args.batch}, "
+             f"torch {meta['torch']}, triton {meta['triton']}, "
              f"command `python -m benchmarks.run {' '.join(sys.argv[1:])}`".rstrip(), "",
-             "| op | pass | dtype | layout | backend | median ms | GB/s | % copy | peak MB "
-             "| x eager | x compile |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| op | pass | dtype | layout | batch | backend | median ms | GB/s | % copy "
+             "| peak MB | x eager | x compile |",
+             "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         lines.append(
-            f"| {r['op']} | {r['pass']} | {r['dtype']} | {r['layout']} | {r['backend']} | "
-            f"{r['median_ms']:.3f} | {_f(r['gbps'], '.1f')} | {_f(r['pct_copy_bw'], '.1f')} | "
-            f"{_f(r['peak_mem_mb'], '.1f')} | {_f(r['speedup_vs_eager'], '.2f')} | "
-            f"{_f(r['speedup_vs_compile'], '.2f')} |")
+            f"| {r['op']} | {r['pass']} | {r['dtype']} | {r['layout']} | {r['batch']} | "
+            f"{r['backend']} | {r['median_ms']:.3f} | {_f(r['gbps'], '.1f')} | "
+            f"{_f(r['pct_copy_bw'], '.1f')} | {_f(r['peak_mem_mb'], '.1f')} | "
+            f"{_f(r['speedup_vs_eager'], '.2f')} | {_f(r['speedup_vs_compile'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
+#: how a pass reads on the plot: the neck's fwd_bwd is a whole training step
+PASS_LABELS = {"fwd": "train fwd", "fwd_bwd": "fwd+bwd", "eval": "eval"}
+
+
+def _group_label(op, pass_name):
+    name, _, level = op.partition("@")
+    pass_label = "train step" if (name == "neck" and pass_name == "fwd_bwd") else \
+        PASS_LABELS.get(pass_name, pass_name)
+    # one short line per fact, so neighbouring labels never overlap
+    return "\n".join(x for x in (name.replace("lateral_up2_fuse", "lateral_up2\n_fuse"),
+                                 f"@{level}" if level else "", pass_label) if x)
+
+
 def plot(records, path, machine):
-    """Speed-up over eager per op and pass, one panel per dtype x layout."""
+    """Speed-up over eager per op and pass, one panel per dtype x layout x batch, each bar
+    labelled with its value."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in records if r["op"] != "copy"]
-    panels = sorted({(r["dtype"], r["layout"]) for r in rows})
+    panels = sorted({(r["dtype"], r["layout"], r["batch"]) for r in rows})
     impls = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels)), squeeze=False)
-    for ax, (dtype, layout) in zip(axes[:, 0], panels):
-        sel = [r for r in rows if (r["dtype"], r["layout"]) == (dtype, layout)]
+    n_groups = max((len({(r["op"], r["pass"]) for r in rows if (r["dtype"], r["layout"],
+                                                                  r["batch"]) == p})
+                    for p in panels), default=1)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(10, 1.25 * n_groups), 4.4 * len(panels)),
+                             squeeze=False)
+    for ax, (dtype, layout, batch) in zip(axes[:, 0], panels):
+        sel = [r for r in rows if (r["dtype"], r["layout"], r["batch"]) == (dtype, layout, batch)]
         groups = list(dict.fromkeys((r["op"], r["pass"]) for r in sel))
         width = 0.8 / max(len(impls), 1)
         for k, impl in enumerate(impls):
             vals = {(r["op"], r["pass"]): r["speedup_vs_eager"] for r in sel if r["backend"] == impl}
             xs = [i + k * width for i, g in enumerate(groups) if vals.get(g)]
             ys = [vals[g] for g in groups if vals.get(g)]
-            ax.bar(xs, ys, width, label=impl)
+            bars = ax.bar(xs, ys, width, label=impl)
+            if impl != "eager":
+                ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=7, padding=1)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-        ax.set_xticklabels([f"{o}\n{p}" for o, p in groups], fontsize=7)
-        ax.set_ylabel("speed-up vs eager")
-        ax.set_title(f"{machine}: {dtype}, {layout}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_xticklabels([_group_label(o, p) for o, p in groups], fontsize=8)
+        ax.set_ylabel("speed-up vs eager (x)", fontsize=9)
+        ax.margins(y=0.12)
+        ax.set_title(f"{machine}: {dtype}{' (autocast for the neck)' if dtype != 'fp32' else ''}, "
+                     f"{layout}, batch {batch}", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,9 +8,13 @@
 Layout (docs/design.md): `ops/` the operators (one module per op), `backends/` the kernel
 registry, `eager` the plain-PyTorch backend, `triton/` the Triton kernels, `nn/` the module.
 """
+__version__ = "0.1.0"  # the one copy: pyproject.toml reads it (dynamic version)
+
 from . import backends, eager, ops
 from .nn import LiteFPN, LiteFPNOutput, convert
 from .ops import bn_silu, lateral_up2_fuse, up2_fuse
+from .patch import apply_litefpn_kernels, client_state_dict_to_litefpn
 
-__all__ = ["LiteFPN", "LiteFPNOutput", "backends", "bn_silu", "convert", "eager",
-           "lateral_up2_fuse", "ops", "up2_fuse"]
+__all__ = ["LiteFPN", "LiteFPNOutput", "__version__", "apply_litefpn_kernels", "backends",
+           "bn_silu", "client_state_dict_to_litefpn", "convert", "eager", "lateral_up2_fuse",
+           "ops", "up2_fuse"]
