@@ -121,6 +121,19 @@ def acc_tl_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def streaming_warps(tile_elems, dtype, cap=16):
+    """num_warps of a streaming kernel: each thread holds one 16-byte vector of every
+    [tile_elems] tile (8 warps for a 2048-element bf16 tile, 16 for fp32), at most `cap`.
+
+    Why: at 4 warps the up2 kernels held 16 values a thread per tile and 160-240 registers
+    (12-19% occupancy on sm_80/sm_90, GPU audit F4), and 64-bit tiles spilled (F6); one vector a
+    thread keeps the 16-byte accesses and brings them to 25-50% without spills (measured by
+    tests/build/test_triton_resources.py). A 32-warp CTA spilled in the fp64 forward: cap 16.
+    """
+    size = torch.finfo(dtype).bits // 8
+    return max(4, min(cap, tile_elems * size // (32 * 16)))
+
+
 def split_eps(eps):
     """eps as two fp32 values whose (fp64) sum is eps to ~1e-15 relative.
 

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_tl_dtype, device_guard, interpreter_plan, needs_int64, next_pow2
+from ._common import (acc_tl_dtype, device_guard, interpreter_plan, needs_int64, next_pow2,
+                      streaming_warps)
 
 __all__ = ["stats", "fwd", "bwd_sums", "bwd"]
 
@@ -140,11 +141,10 @@ def _bn_sum_slots_kernel(part_ptr, out_ptr, S, BLOCK_S: tl.constexpr, I64: tl.co
 
 
 # ----------------------------------------------------------------------------- launch planning
-#: GPU: elements of one [BLOCK_P, BLOCK_C] tile (16 a thread at 4 warps) and programs wanted
-#: per launch (H100/H200: 132 SMs x ~16 resident programs, several waves).
+#: GPU: elements of one [BLOCK_P, BLOCK_C] tile (one 16-byte vector a thread: 8 warps bf16, 16
+#: fp32 / fp64, `streaming_warps`) and programs wanted per launch (H100/H200: 132 SMs x ~16 resident programs, several waves).
 _TILE_ELEMS = 2048
 _TARGET_PROGRAMS = 8192
-_NUM_WARPS = 4
 _MAX_C_INNER = 128   # channels_last: channels per tile (the whole C = 128 of the neck)
 _MAX_P_INNER = 1024  # NCHW: pixels per tile row
 _SLOT_BLOCK = 1024   # stage two: slots a program adds per step
@@ -213,7 +213,7 @@ def plan(op, x, g=None, out=None, part=None, scale=None, shift=None, center=None
             *x.stride(), *g_.stride(), *o_.stride())
     kwargs = dict(OP=op, FLAT=_flat(x, g_, o_), ACC=acc_tl_dtype(x.dtype),
                   I64=needs_int64(x, g, out, part), BLOCK_P=block_p, BLOCK_C=block_c,
-                  num_warps=_NUM_WARPS)
+                  num_warps=streaming_warps(block_p * block_c, x.dtype))
     return _bn_silu_kernel, grid, args, kwargs
 
 

@@ -315,6 +315,11 @@ def _warps(tile_elems):
     return 8 if tile_elems >= 4096 else 4
 
 
+#: fwd: 16 warps for 4096+ accumulators from fp32 / fp64 activations (their tf32x3 split
+#: operands / DMMA tiles): 163 registers x 8 warps (12.5% occupancy) -> 105 x 16 (25%), sm_90.
+_WIDE = (torch.float32, torch.float64)
+
+
 def _empty_format(t, shape):
     """torch.empty_like(t) adjusted to `shape`: channels_last when t is (and not contiguous)."""
     cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
@@ -384,7 +389,7 @@ def plan_fwd(coarse, z, weight, bias, w_coarse, w_fine, gate_coarse, gate_fine, 
                   HAS_GF=gate_fine is not None, FLAT=_flat(z, out), ACC=acc_tl_dtype(z.dtype),
                   DOT_PREC=_dot_precision(z.dtype, exact=False),
                   I64=needs_int64(coarse, z, out, weight), BLOCK_P=bp, BLOCK_C=bc, BLOCK_K=bk,
-                  num_warps=_warps(bp * bc))
+                  num_warps=_warps(bp * bc) * (2 if z.dtype in _WIDE and bp * bc >= 4096 else 1))
     return _lateral_fwd_kernel, grid, args, kwargs
 
 

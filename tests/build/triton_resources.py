@@ -130,10 +130,10 @@ def build(kernel, dtype, layout):
                         shift=vec(c), k_dz=vec(c), k_x=vec(c), k_0=vec(c), interpret=False)
 
 
-_WIDE_LD = re.compile(r"ld\.global(\.[a-z0-9:]+)*\.(v4\.(b32|f32|u32)|v2\.(b64|f64|u64))"
-                      r"|cp\.async\.(cg|ca)\.shared\.global(\.[a-z0-9:]+)* \[[^\]]+\], "
-                      r"\[[^\]]+\], 16")
-_WIDE_ST = re.compile(r"st\.global(\.[a-z0-9:]+)*\.(v4\.(b32|f32|u32)|v2\.(b64|f64|u64))")
+_WIDE_LD = re.compile(r"ld\.global(\.[A-Za-z0-9:]+)*\.(v4\.(b32|f32|u32)|v2\.(b64|f64|u64))"
+                      r"|cp\.async\.(cg|ca)\.shared\.global(\.[A-Za-z0-9:]+)* \[[^\]]+\], "
+                      r"\[[^\]]+\], (16|0x10)\b")
+_WIDE_ST = re.compile(r"st\.global(\.[A-Za-z0-9:]+)*\.(v4\.(b32|f32|u32)|v2\.(b64|f64|u64))")
 
 
 def _res_usage(cubin):
