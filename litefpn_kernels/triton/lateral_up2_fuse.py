@@ -9,8 +9,8 @@ interpreter's bf16 `tl.dot` and arithmetic are unreliable; bf16/fp16 values are 
 fp64 "ieee", fp32 "tf32x3" (~fp32 accuracy on tensor cores), bf16/fp16 "tf32" for the channel
 mixes (their output rounding dominates) and "tf32x3" for the gram (it feeds the BatchNorm
 statistics, where errors do not average out). At "tf32" only the activation operand is exact in
-tf32; the fp32 weight operand (W', scale*W, quad) goes in as a correctly rounded tf32 part plus
-its residual (`_dot_w`), since the MMA would truncate it.
+tf32; the fp32 weight operand (W', scale*W, quad) is rounded to the nearest tf32 value first
+(`_dot_w`), since the MMA would truncate it.
 
 * gram: a program owns a [BLOCK_I x BLOCK_J] tile of gram[n] over one chunk of CHUNK pixels;
   it walks the chunk in BLOCK_K-pixel slices: A slice [BLOCK_I, BLOCK_K] and B slice
@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights, interpreter_plan,
-                      needs_int64, next_pow2, split_eps, tf32_split, up2_taps)
+                      needs_int64, next_pow2, split_eps, tf32_round, up2_taps)
 from .up2_fuse import bwd_coarse, plan_sum_partials
 
 __all__ = ["gram", "fwd", "grad_z", "bwd_coarse"]
@@ -58,16 +58,13 @@ def _pix_off(p, W, s_h, s_w, FLAT: tl.constexpr):
 @triton.jit
 def _dot_w(a, w, acc, DOT_PREC: tl.constexpr, ACC: tl.constexpr):
     """acc + a @ w for an activation tile `a` and an fp32 (fp64) weight tile `w`. At "tf32"
-    (bf16 / fp16 activations, exact in tf32) w goes in as its rounded tf32 part plus the
-    residual (`tf32_split`): the MMA would otherwise truncate w's low 13 bits, a systematic
-    -2^-12 relative bias; two dots cost little in these memory-bound kernels."""
+    (bf16 / fp16 activations, exact in tf32) w is rounded to tf32 first (`tf32_round`): the MMA
+    would otherwise truncate its low 13 bits, a systematic bias. (A hi + lo split in two dots,
+    ~fp32-exact, was measured too: grad_z bf16 went from 58 to 142 registers on sm_90; the
+    unbiased 2^-11 rounding is far below the bf16 / fp16 output rounding.)"""
     if DOT_PREC == "tf32":
-        w_hi, w_lo = tf32_split(w)
-        acc = tl.dot(a, w_lo, acc, input_precision=DOT_PREC, out_dtype=ACC)
-        acc = tl.dot(a, w_hi, acc, input_precision=DOT_PREC, out_dtype=ACC)
-    else:
-        acc = tl.dot(a, w, acc, input_precision=DOT_PREC, out_dtype=ACC)
-    return acc
+        w = tf32_round(w)
+    return tl.dot(a, w, acc, input_precision=DOT_PREC, out_dtype=ACC)
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -35,18 +35,20 @@ N = 256
 #: (memory-bound: one pass over activations) need enough warps resident to keep bytes in
 #: flight; the GEMM-shaped ones hide latency with cp.async pipelining in shared memory instead.
 MIN_OCCUPANCY = {
-    "up2_fwd": (0.25, "streaming: 16-byte loads, few per thread; >= 4 CTAs x 4 warps"),
+    "up2_fwd": (0.25, "streaming: one 16-byte vector a thread per tile row, >= 16 warps an SM"),
     "up2_bwd": (0.25, "streaming, the heaviest (grad_out read twice, 3 outputs + sums)"),
     "up2_bwd_coarse": (0.25, "streaming (lateral's backward, coarse half)"),
     "sum_partials": (0.5, "tiny second stage"),
     "gram_zz": (0.125, "GEMM-shaped (tf32x3 dot, 3 MMAs a step): cp.async-pipelined smem"),
     "gram_gz": (0.125, "GEMM-shaped (tf32x3 dot): cp.async-pipelined smem"),
     "lateral_fwd": (0.25, "GEMM + streaming epilogue (z, coarse taps, out)"),
-    "grad_z": (0.125, "GEMM-shaped (two dot loops), cp.async-pipelined; fp32 is tf32x3"),
+    "grad_z": (0.125, "GEMM-shaped (two dot loops), cp.async-pipelined; fp32 (tf32x3) 156-168 "
+                      "regs at 4 warps, 8 warps do not help (158)"),
     "bn_stats": (0.5, "streaming, two accumulators"),
     "bn_fwd": (0.5, "streaming elementwise"),
-    "bn_bwd_sums": (0.5, "streaming, two accumulators"),
-    "bn_bwd": (0.5, "streaming elementwise"),
+    "bn_bwd_sums": (0.375, "streaming; channels_last: 8 channels a thread, so 8 values of each "
+                           "per-channel vector (scale, shift, centre) live"),
+    "bn_bwd": (0.375, "streaming; channels_last: 8 values of each of 5 per-channel vectors"),
     "bn_sum_slots": (0.5, "tiny second stage"),
 }
 #: kernels whose main loads / stores must be 16-byte (the up2 taps and gathers are scalar by

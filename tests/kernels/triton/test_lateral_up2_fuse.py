@@ -273,9 +273,9 @@ def test_bwd_coarse(lateral, dtype, kind, mode):
 def test_tf32_weights_unbiased(lateral, kernel):
     """bf16 / fp16 activations take "tf32" dots with an fp32 weight operand. A tensor core that
     truncates the weights (no correct rounding) shrinks every output by ~4e-4 relative (all
-    terms positive here, so nothing cancels); correctly rounded (and split: `_dot_w`), the mean
+    terms positive here, so nothing cancels); correctly rounded (`_dot_w`), the mean
     signed relative error is the output rounding's, ~1e-6 over these 16384 outputs. (Exact in
-    the interpreter; `test_tf32_split.py` checks the rounding itself there.) fp16 only: the
+    the interpreter; `test_tf32_round.py` checks the rounding itself there.) fp16 only: the
     interpreter converts fp32 to bf16 by truncation, a -3e-3 output bias of its own; the GPU
     rounds, and bf16 takes the same dots."""
     dtype = torch.float16
