@@ -142,7 +142,8 @@ def _bn_sum_slots_kernel(part_ptr, out_ptr, S, BLOCK_S: tl.constexpr, I64: tl.co
 
 # ----------------------------------------------------------------------------- launch planning
 #: GPU: elements of one [BLOCK_P, BLOCK_C] tile (one 16-byte vector a thread: 8 warps bf16, 16
-#: fp32 / fp64, `streaming_warps`) and programs wanted per launch (H100/H200: 132 SMs x ~16 resident programs, several waves).
+#: fp32 / fp64, `streaming_warps`) and programs wanted per launch (H100/H200: 132 SMs x ~16
+#: resident programs, several waves).
 _TILE_ELEMS = 2048
 _TARGET_PROGRAMS = 8192
 _MAX_C_INNER = 128   # channels_last: channels per tile (the whole C = 128 of the neck)

@@ -5,12 +5,12 @@ weights arrive contiguous and in the accumulation dtype (fp32; fp64 for fp64 inp
 
 Design. The three GEMM-shaped kernels are small-K channel mixes over pixels, done with `tl.dot`
 on fp32 (fp64) operands: activations are loaded in their own dtype and upcast in registers (the
-interpreter's bf16 `tl.dot` and arithmetic are unreliable; bf16/fp16 values are exact in tf32). Precision of the dots (host-picked constexpr):
-fp64 "ieee", fp32 "tf32x3" (~fp32 accuracy on tensor cores), bf16/fp16 "tf32" for the channel
-mixes (their output rounding dominates) and "tf32x3" for the gram (it feeds the BatchNorm
-statistics, where errors do not average out). At "tf32" only the activation operand is exact in
-tf32; the fp32 weight operand (W', scale*W, quad) is rounded to the nearest tf32 value first
-(`_dot_w`), since the MMA would truncate it.
+interpreter's bf16 `tl.dot` and arithmetic are unreliable; bf16/fp16 values are exact in tf32).
+Precision of the dots (host-picked constexpr): fp64 "ieee", fp32 "tf32x3" (~fp32 accuracy on
+tensor cores), bf16/fp16 "tf32" for the channel mixes (their output rounding dominates) and
+"tf32x3" for the gram (it feeds the BatchNorm statistics, where errors do not average out). At
+"tf32" only the activation operand is exact in tf32; the fp32 weight operand (W', scale*W, quad)
+is rounded to the nearest tf32 value first (`_dot_w`), since the MMA would truncate it.
 
 * gram: a program owns a [BLOCK_I x BLOCK_J] tile of gram[n] over one chunk of CHUNK pixels;
   it walks the chunk in BLOCK_K-pixel slices: A slice [BLOCK_I, BLOCK_K] and B slice

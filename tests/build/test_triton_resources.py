@@ -1,5 +1,5 @@
-"""Static resources of the Triton kernels at the N=256 neck configs (tests/build/triton_resources.py),
-for sm_90a and sm_80, bf16 / fp32, both layouts, plus fp64 (gradcheck on a GPU):
+"""Static resources of the Triton kernels at the N=256 neck configs (triton_resources.py), for
+sm_90a and sm_80, bf16 / fp32, both layouts, plus fp64 (gradcheck on a GPU):
 
 * no spills in the streaming kernels (bf16 / fp32), and none in fp64 either (a spilling fp64 up2
   backward once had 2.4 KB of stack a thread, GPU audit F6);
