@@ -130,10 +130,11 @@ def _bn_silu():
 
 #: ops whose kernels csrc/ implements per backend. An op is registered for a backend if it is
 #: listed here or the built extension has its kernels; availability is then exact per op
-#: (COMPILED_FOR), so a build without CUDA says so, and an op without CUDA kernels says "no
-#: bn_silu kernels" instead of failing in the dispatcher.
+#: (COMPILED_FOR), so a build without CUDA says so, and a CUDA build without an op's kernels
+#: (e.g. bn_silu before csrc/cuda/bn_silu.cu) says so and `auto` moves on to triton, instead
+#: of failing in the dispatcher.
 IMPLEMENTED = {"cpu": ("up2_fuse", "lateral_up2_fuse", "bn_silu"),
-               "cuda": ("up2_fuse", "lateral_up2_fuse")}
+               "cuda": ("up2_fuse", "lateral_up2_fuse", "bn_silu")}
 _FACTORIES = {"up2_fuse": _up2_fuse, "lateral_up2_fuse": _lateral_up2_fuse, "bn_silu": _bn_silu}
 
 for _backend, _key in (("cpu", "CPU"), ("cuda", "CUDA")):

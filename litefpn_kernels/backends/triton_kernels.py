@@ -4,7 +4,8 @@ same entry-point names). Imported lazily, on first use: TRITON_INTERPRET must be
 import importlib.util
 import os
 
-from .registry import LateralUp2FuseKernels, Up2FuseKernels, register, register_backend
+from .registry import (BnSiluKernels, LateralUp2FuseKernels, Up2FuseKernels, register,
+                       register_backend)
 
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
@@ -38,3 +39,9 @@ def _up2_fuse():
 def _lateral_up2_fuse():
     from ..triton import lateral_up2_fuse as k
     return LateralUp2FuseKernels(gram=k.gram, fwd=k.fwd, grad_z=k.grad_z, bwd_coarse=k.bwd_coarse)
+
+
+@register("bn_silu", "triton")
+def _bn_silu():
+    from ..triton import bn_silu as k
+    return BnSiluKernels(stats=k.stats, fwd=k.fwd, bwd_sums=k.bwd_sums, bwd=k.bwd)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..backends import registry
+from ..backends import compiled, registry
 from ..eager import up2
 from .blocks import ConvBN, CoordGate, Fuse, bn_args, sync_group  # noqa: F401 (bn_args: API)
 
@@ -53,7 +53,9 @@ class FusedSteps:
 
     def __init__(self, backend: str):
         self.backend = backend
-        self.fused_bn_silu = registry.has_kernels("bn_silu", backend)
+        # cuda lists bn_silu before _C has its CUDA kernels (csrc/cuda/bn_silu.cu): fuse once it has
+        self.fused_bn_silu = registry.has_kernels("bn_silu", backend) and (
+            backend != "cuda" or ("bn_silu", "CUDA") in compiled.COMPILED_FOR)
 
     @staticmethod
     def lateral(m: ConvBN, x: Tensor) -> Tensor:

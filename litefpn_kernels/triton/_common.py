@@ -96,9 +96,40 @@ def gather4(ptr, o0, o1, o2, o3, mask, ACC: tl.constexpr):
     return 0.25 * (v0 + v3) + 0.75 * (v1 + v2)
 
 
+@triton.jit
+def tf32_round(w):
+    """fp32 w rounded to the nearest tf32 value (10 mantissa bits; ties to even), as fp32.
+
+    Why: a tf32 MMA reads only the top 10 mantissa bits of an fp32 operand - truncation toward
+    zero, a systematic shrink of up to 2^-10 (~4e-4 on average in the lateral outputs, F7 of
+    the GPU audit) - and Triton emits no cvt.rna for fp32 operands of a "tf32" dot. Rounded
+    first, the MMA sees an exact tf32 value: the error is at most 2^-11 relative and unbiased.
+    Rounding: add 0xFFF plus the lowest kept bit, clear the 13 low bits (a mantissa carry moves
+    into the exponent, as it should). NaN, +-Inf and values that would round past fp32's range
+    stay as they are.
+    """
+    bits = w.to(tl.uint32, bitcast=True)
+    r = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    special = (r & 0x7F800000) == 0x7F800000
+    return tl.where(special, w, r.to(tl.float32, bitcast=True))
+
+
 # ----------------------------------------------------------------------------- host helpers
 def acc_tl_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def streaming_warps(tile_elems, dtype, cap=16):
+    """num_warps of a streaming kernel: each thread holds one 16-byte vector of every
+    [tile_elems] tile (8 warps for a 2048-element bf16 tile, 16 for fp32), at most `cap`.
+
+    Why: at 4 warps the up2 kernels held 16 values a thread per tile and 160-240 registers
+    (12-19% occupancy on sm_80/sm_90, GPU audit F4), and 64-bit tiles spilled (F6); one vector a
+    thread keeps the 16-byte accesses and brings them to 25-50% without spills (measured by
+    tests/compile/test_triton_resources.py). A 32-warp CTA spilled in the fp64 forward: cap 16.
+    """
+    size = torch.finfo(dtype).bits // 8
+    return max(4, min(cap, tile_elems * size // (32 * 16)))
 
 
 def split_eps(eps):

@@ -5,11 +5,12 @@ weights arrive contiguous and in the accumulation dtype (fp32; fp64 for fp64 inp
 
 Design. The three GEMM-shaped kernels are small-K channel mixes over pixels, done with `tl.dot`
 on fp32 (fp64) operands: activations are loaded in their own dtype and upcast in registers (the
-interpreter's bf16 `tl.dot` and arithmetic are unreliable; on the GPU the upcast also keeps the
-products exact: bf16/fp16 are exact in tf32). Precision of the dots (host-picked constexpr):
-fp64 "ieee", fp32 "tf32x3" (~fp32 accuracy on tensor cores), bf16/fp16 "tf32" for the channel
-mixes (their output rounding dominates) and "tf32x3" for the gram (it feeds the BatchNorm
-statistics, where errors do not average out).
+interpreter's bf16 `tl.dot` and arithmetic are unreliable; bf16/fp16 values are exact in tf32).
+Precision of the dots (host-picked constexpr): fp64 "ieee", fp32 "tf32x3" (~fp32 accuracy on
+tensor cores), bf16/fp16 "tf32" for the channel mixes (their output rounding dominates) and
+"tf32x3" for the gram (it feeds the BatchNorm statistics, where errors do not average out). At
+"tf32" only the activation operand is exact in tf32; the fp32 weight operand (W', scale*W, quad)
+is rounded to the nearest tf32 value first (`_dot_w`), since the MMA would truncate it.
 
 * gram: a program owns a [BLOCK_I x BLOCK_J] tile of gram[n] over one chunk of CHUNK pixels;
   it walks the chunk in BLOCK_K-pixel slices: A slice [BLOCK_I, BLOCK_K] and B slice
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights, interpreter_plan,
-                      needs_int64, next_pow2, split_eps, up2_taps)
+                      needs_int64, next_pow2, split_eps, tf32_round, up2_taps)
 from .up2_fuse import bwd_coarse, plan_sum_partials
 
 __all__ = ["gram", "fwd", "grad_z", "bwd_coarse"]
@@ -52,6 +53,18 @@ def _pix_off(p, W, s_h, s_w, FLAT: tl.constexpr):
     else:
         off = (p // W) * s_h + (p % W) * s_w
     return off
+
+
+@triton.jit
+def _dot_w(a, w, acc, DOT_PREC: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ w for an activation tile `a` and an fp32 (fp64) weight tile `w`. At "tf32"
+    (bf16 / fp16 activations, exact in tf32) w is rounded to tf32 first (`tf32_round`): the MMA
+    would otherwise truncate its low 13 bits, a systematic bias. (A hi + lo split in two dots,
+    ~fp32-exact, was measured too: grad_z bf16 went from 58 to 142 registers on sm_90; the
+    unbiased 2^-11 rounding is far below the bf16 / fp16 output rounding.)"""
+    if DOT_PREC == "tf32":
+        w = tf32_round(w)
+    return tl.dot(a, w, acc, input_precision=DOT_PREC, out_dtype=ACC)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -175,7 +188,7 @@ def _lateral_fwd_kernel(
                      other=0.0).to(ACC)
         wv = tl.load(w_ptr + c[None, :] * CIN + k[:, None], mask=k_mask[:, None] & c_mask[None, :],
                      other=0.0).to(ACC)
-        acc = tl.dot(zv, wv, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        acc = _dot_w(zv, wv, acc, DOT_PREC, ACC)
 
     # epilogue: Up2(coarse) at the fine pixels (up2_fuse's taps: x first, then y)
     y0, y1, wy0, wy1 = up2_taps(fy, H)
@@ -236,7 +249,7 @@ def _lateral_grad_z_kernel(
             c = c.to(tl.int64)
         gv = tl.load(g_base + c[None, :] * s_gc, mask=p_mask[:, None] & c_mask[None, :],
                      other=0.0).to(ACC)
-        acc = tl.dot(gv, wv, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        acc = _dot_w(gv, wv, acc, DOT_PREC, ACC)
     z_base = z_ptr + n * s_zn + _pix_off(p, W, s_zh, s_zw, FLAT)[:, None]
     if HAS_QUAD:
         # acc -= z[p, :] @ quad^T: accumulated as a dot with -quad (negation is exact)
@@ -249,7 +262,7 @@ def _lateral_grad_z_kernel(
                          mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(ACC)
             zv = tl.load(z_base + jj[None, :] * s_zc, mask=p_mask[:, None] & j_mask[None, :],
                          other=0.0).to(ACC)
-            acc = tl.dot(zv, -qv, acc, input_precision=DOT_PREC, out_dtype=ACC)
+            acc = _dot_w(zv, -qv, acc, DOT_PREC, ACC)
     if HAS_SHIFT:
         acc += tl.load(shift_ptr + k, mask=k_mask, other=0.0).to(ACC)[None, :]
     o_off = n * s_on + _pix_off(p, W, s_oh, s_ow, FLAT)[:, None] + k[None, :] * s_oc
@@ -297,6 +310,11 @@ def _warps(tile_elems):
     """8 warps for tiles of 4096+ fp32 accumulators (keeps them under ~160 registers a thread
     on sm_90 with the up2 epilogue or tf32x3 splits, no spills), else 4."""
     return 8 if tile_elems >= 4096 else 4
+
+
+#: fwd: 16 warps for 4096+ accumulators from fp32 / fp64 activations (their tf32x3 split
+#: operands / DMMA tiles): 163 registers x 8 warps (12.5% occupancy) -> 105 x 16 (25%), sm_90.
+_WIDE = (torch.float32, torch.float64)
 
 
 def _empty_format(t, shape):
@@ -368,7 +386,7 @@ def plan_fwd(coarse, z, weight, bias, w_coarse, w_fine, gate_coarse, gate_fine, 
                   HAS_GF=gate_fine is not None, FLAT=_flat(z, out), ACC=acc_tl_dtype(z.dtype),
                   DOT_PREC=_dot_precision(z.dtype, exact=False),
                   I64=needs_int64(coarse, z, out, weight), BLOCK_P=bp, BLOCK_C=bc, BLOCK_K=bk,
-                  num_warps=_warps(bp * bc))
+                  num_warps=_warps(bp * bc) * (2 if z.dtype in _WIDE and bp * bc >= 4096 else 1))
     return _lateral_fwd_kernel, grid, args, kwargs
 
 

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights, gather4,
-                      interpreter_plan, needs_int64, next_pow2, split_eps, up2_gather_taps,
-                      up2_taps)
+                      interpreter_plan, needs_int64, next_pow2, split_eps, streaming_warps,
+                      up2_gather_taps, up2_taps)
 
 __all__ = ["fwd", "bwd", "bwd_coarse"]
 
@@ -300,7 +300,6 @@ def _sum_partials_kernel(part_ptr, sum_c_ptr, sum_f_ptr, NC, P, HAS_F: tl.conste
 #: fine elements of one [BLOCK_X, BLOCK_C] tile, and programs wanted per launch (GPU).
 _TILE_ELEMS = 2048
 _TARGET_PROGRAMS = 8192
-_NUM_WARPS = 4
 #: interpreter: one program per sample and channel block keeps the (per-op) overhead low.
 _INTERP_TILE_ELEMS = 1 << 16
 
@@ -334,6 +333,12 @@ def _tiling(coarse, fine, interpret):
     return block_x, block_c, rows, grid
 
 
+def _warps(interpret, dtype):
+    """GPU: one 16-byte vector of each tile a thread (`streaming_warps`: 8 warps bf16, 16 fp32 /
+    fp64). The interpreter ignores num_warps."""
+    return 4 if interpret else streaming_warps(_TILE_ELEMS, dtype)
+
+
 def _strides(t):
     return tuple(t.stride())
 
@@ -354,7 +359,7 @@ def plan_forward(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, ou
     kwargs = dict(HAS_W=w_coarse is not None, HAS_GC=gate_coarse is not None,
                   HAS_GF=gate_fine is not None, ACC=acc_tl_dtype(fine.dtype),
                   I64=needs_int64(coarse, fine, out), BLOCK_X=block_x, BLOCK_C=block_c,
-                  num_warps=_NUM_WARPS)
+                  num_warps=_warps(interpret, fine.dtype))
     return _up2_fuse_fwd_kernel, grid, args, kwargs
 
 
@@ -390,7 +395,7 @@ def plan_backward(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fi
                   HAS_GC=gate_coarse is not None, HAS_GF=with_fine and gate_fine is not None,
                   ACC=acc_tl_dtype(grad_out.dtype),
                   I64=needs_int64(grad_out, coarse, fine, grad_coarse, grad_fine, partials),
-                  BLOCK_X=block_x, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+                  BLOCK_X=block_x, BLOCK_C=block_c, num_warps=_warps(interpret, grad_out.dtype))
     return _up2_fuse_bwd_kernel, grid, args, kwargs
 
 

@@ -6,7 +6,8 @@ the triton wheel), with `triton.compile(ASTSource(...), target=GPUTarget("cuda",
 
 The launch arguments come from the modules' own `plan_*` functions with interpret=False, i.e. the
 GPU tile choices, for fp32 / bf16 / fp16, both layouts (NCHW and channels_last pick different
-tiles and unit strides) and the flag / int64 variants, plus float64 (gradcheck on a GPU). Signature, constexprs and attributes
+tiles and unit strides) and the flag / int64 variants, plus float64 (gradcheck on a GPU); bn_silu
+per op (its streaming kernel specialises per OP). Signature, constexprs and attributes
 (a stride of 1 becomes a constexpr, divisibility by 16) are derived from those arguments the
 way a GPU launch derives them (the JIT's own binder), so what compiles here is what a launch on a
 GPU compiles.
@@ -35,6 +36,7 @@ WORKER_TIMEOUT_S = 600
 # (tiles depend on channels and layout, not on the batch), plus odd sizes (C=5, Cin=3) and
 # sizes of 1.
 C, CIN, H, W = 128, 64, 16, 32
+BN_OPS = ("bn_stats", "bn_fwd", "bn_bwd_sums", "bn_bwd")
 
 
 def _case_list():
@@ -72,6 +74,19 @@ def _case_list():
     for kernel in ("up2_fwd", "up2_bwd", "up2_bwd_coarse", "gram", "lateral_fwd", "grad_z",
                    "sum_partials"):
         add(kernel, "bf16", "nhwc", "i64")
+    # bn_silu: the streaming kernel per op, every dtype and layout, fp64, non-flat strides with a
+    # grad_out unlike x, sizes of 1, int64; and its second stage
+    for op in BN_OPS:
+        for dtype in DTYPES:
+            for layout in LAYOUTS:
+                add(op, dtype, layout, "full")
+        add(op, "fp64", "nchw", "full")
+        add(op, "fp32", "nchw", "strided")
+        add(op, "fp32", "nchw", "ones")
+        add(op, "bf16", "nhwc", "i64")
+    add("bn_sum_slots", "fp32", "nchw", "full")
+    add("bn_sum_slots", "fp64", "nchw", "full")
+    add("bn_sum_slots", "fp32", "nchw", "i64")
     return cases
 
 
@@ -139,6 +154,8 @@ def _build(spec):
                                    opt(torch.zeros(c_in, c_in, dtype=acc)),
                                    opt(torch.zeros(c_in, dtype=acc)), torch.empty_like(z),
                                    interpret=False)
+    elif kernel in BN_OPS or kernel == "bn_sum_slots":
+        plan = _bn_plan(kernel, variant, act, acc)
     else:
         raise KeyError(kernel)
     fn, _grid, args, kwargs = plan
@@ -146,6 +163,30 @@ def _build(spec):
     if variant == "i64":
         kwargs["I64"] = True
     return fn, args, kwargs
+
+
+def _bn_plan(kernel, variant, act, acc):
+    import torch
+
+    from litefpn_kernels.triton import bn_silu
+
+    c, h, w = {"ones": (1, 1, 1)}.get(variant, (C, 2 * H, 2 * W))
+    x = act(1, c, h, w)
+    g = x
+    if variant == "strided":  # non-flat x (every other column), grad_out channels_last
+        x = torch.zeros(1, c, h, 2 * w, dtype=x.dtype)[..., ::2]
+        g = torch.zeros(1, c, h, w, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+    v = torch.zeros(c, dtype=acc)
+    part = torch.zeros(2, c, bn_silu.slots(x, interpret=False), dtype=acc)
+    if kernel == "bn_sum_slots":
+        return bn_silu.plan_sum_slots(part, torch.zeros(2, c, dtype=acc))
+    out = bn_silu._output(x)
+    op = BN_OPS.index(kernel)  # OP_STATS, OP_FWD, OP_BWD_SUMS, OP_BWD
+    return bn_silu.plan(op, x, g=g if op >= 2 else None, out=out if op in (1, 3) else None,
+                        part=part if op in (0, 2) else None, scale=v if op else None,
+                        shift=v if op else None, center=v if op in (0, 2) else None,
+                        k_dz=v if op == 3 else None, k_x=v if op == 3 else None,
+                        k_0=v if op == 3 else None, interpret=False)
 
 
 def _compile(fn, args, kwargs, cc):
@@ -311,10 +352,12 @@ def test_every_kernel_is_covered():
                 names |= set(re.findall(r"^def (_\w+_kernel)\(", f.read(), re.MULTILINE))
     covered = {"_up2_fuse_fwd_kernel": "up2_fwd", "_up2_fuse_bwd_kernel": "up2_bwd",
                "_sum_partials_kernel": "sum_partials", "_gram_kernel": "gram",
-               "_lateral_fwd_kernel": "lateral_fwd", "_lateral_grad_z_kernel": "grad_z"}
+               "_lateral_fwd_kernel": "lateral_fwd", "_lateral_grad_z_kernel": "grad_z",
+               "_bn_silu_kernel": BN_OPS, "_bn_sum_slots_kernel": "bn_sum_slots"}
     assert names == set(covered), f"kernels without a compile case: {names - set(covered)}"
     kinds = {spec["kernel"] for _, spec in CASES}
-    assert set(covered.values()) <= kinds
+    want = {k for v in covered.values() for k in ((v,) if isinstance(v, str) else v)}
+    assert want <= kinds
 
 
 def test_a_broken_kernel_fails_to_compile(tmp_path):

@@ -268,6 +268,37 @@ def test_bwd_coarse(lateral, dtype, kind, mode):
                 assert sums.shape == (0,)
 
 
+# ----------------------------------------------------------------------------- tf32 weights
+@pytest.mark.parametrize("kernel", ["fwd", "grad_z"])
+def test_tf32_weights_unbiased(lateral, kernel):
+    """bf16 / fp16 activations take "tf32" dots with an fp32 weight operand. A tensor core that
+    truncates the weights (no correct rounding) shrinks every output by ~4e-4 relative (all
+    terms positive here, so nothing cancels); correctly rounded (`_dot_w`), the mean
+    signed relative error is the output rounding's, ~1e-6 over these 16384 outputs. (Exact in
+    the interpreter; `test_tf32_round.py` checks the rounding itself there.) fp16 only: the
+    interpreter converts fp32 to bf16 by truncation, a -3e-3 output bias of its own; the GPU
+    rounds, and bf16 takes the same dots."""
+    dtype = torch.float16
+    n, c, c_in, h, w = 1, 32, 32, 8, 16
+    g = torch.Generator().manual_seed(0)
+    pos = lambda *s: (torch.rand(*s, generator=g, dtype=torch.float64) + 0.25)  # noqa: E731
+    z = pos(n, c_in, 2 * h, 2 * w).to(DEVICE, dtype)
+    weight = pos(c, c_in).to(DEVICE, torch.float32)  # random low mantissa bits
+    if kernel == "fwd":
+        coarse = torch.zeros(n, c, h, w, device=DEVICE, dtype=dtype)
+        bias = torch.zeros(c, device=DEVICE)
+        out = lateral.fwd(coarse, z, weight, bias, None, None, None, None, EPS)
+        ref = torch.einsum("ck,nkhw->nchw", weight.double(), z.double())
+    else:
+        scale = pos(n, c).to(DEVICE, torch.float32)
+        gout = pos(n, c, 2 * h, 2 * w).to(DEVICE, dtype)
+        out = lateral.grad_z(gout, z, weight, scale, None, None)
+        ref = ref_grad_z(gout, z, weight, scale, None, None)
+    rel = (out.double() - ref) / ref
+    assert abs(rel.mean().item()) < 5e-5, rel.mean().item()
+    assert rel.abs().max().item() < 2e-3
+
+
 # ----------------------------------------------------------------------------- int64, empty
 def _launch(plan, i64=True):
     kernel, grid, args, kwargs = plan
