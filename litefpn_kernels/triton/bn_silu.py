@@ -245,8 +245,8 @@ def _output(x):
 def _sums(op, x, interpret, **vecs):
     acc, c = _acc(x), x.shape[1]
     if _empty_work(x):
-        z = torch.zeros((2, c), dtype=acc, device=x.device)
-        return z[0], z[1]
+        return (torch.zeros((c,), dtype=acc, device=x.device),
+                torch.zeros((c,), dtype=acc, device=x.device))
     part = torch.empty((2, c, slots(x, interpret)), dtype=acc, device=x.device)
     res = torch.empty((2, c), dtype=acc, device=x.device)
     with device_guard(x):
@@ -254,7 +254,9 @@ def _sums(op, x, interpret, **vecs):
         kernel[grid](*args, **kwargs)
         kernel, grid, args, kwargs = plan_sum_slots(part, res)
         kernel[grid](*args, **kwargs)
-    return res[0], res[1]
+    # two tensors, not two views of one buffer: the ops return them, and custom ops' outputs
+    # may not alias each other
+    return res[0].clone(), res[1].clone()
 
 
 def _elementwise(op, x, interpret, **tensors):
