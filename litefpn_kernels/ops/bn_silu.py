@@ -34,8 +34,9 @@ def bn_silu(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optiona
     place in training, unbiased variance), without storing the BatchNorm output.
 
     x: [N, C, H, W]; the vectors [C]. The output has x's dtype and memory format. Backends:
-    "eager" (the composition above) and "cpu"; "auto" is "cpu" for CPU tensors when the
-    extension is built, else "eager" (no GPU kernels yet). `process_group` (a torch.distributed
+    "eager" (the composition above), "cpu", "triton", and "cuda" where the extension was built
+    with its CUDA kernels; "auto" is "cpu" for CPU tensors when the extension is built, "cuda"
+    or else "triton" for CUDA tensors, else "eager". `process_group` (a torch.distributed
     group): in training with more than one rank, normalise with the statistics of the global
     batch, as nn.SyncBatchNorm does (on any device); None: this process's batch.
     """

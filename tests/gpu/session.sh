@@ -12,7 +12,8 @@
 # the script goes on after a failing step. At most 8 files land in $OUT (what the device tool
 # brings back): build.log (environment + build), _C.so, tests.log, sanitizer.log, bench.log and
 # the report's gpu.json / gpu.md / gpu.png.
-# Knobs: MAX_JOBS (build), TEST_ARGS (pytest; default the GPU-marked tests: the rest runs in CI),
+# Knobs: MAX_JOBS (build), TEST_ARGS (pytest; default the GPU-marked tests, then the Triton kernel
+# and mixed-layout backward tests again on the GPU; the rest runs in CI),
 # BENCH_ARGS (benchmarks.run, e.g. "--levels 1/4 --dtypes bf16 --ops up2_fuse,lateral_up2_fuse").
 set -u
 OUT=${OUT:-/tmp/litefpn_gpu}
@@ -34,13 +35,17 @@ if step build; then
     >> "$OUT/build.log" 2>&1 || echo "build FAILED: see build.log"
   cp litefpn_kernels/_C*.so "$OUT/_C.so" 2>/dev/null
 fi
-"$PY" -c "from litefpn_kernels import backends; print('extension compiled for',
-sorted(backends._COMPILED_FOR))" 2>&1 | tee -a "$OUT/build.log"
+"$PY" -c "from litefpn_kernels.backends import compiled; print('extension compiled for',
+sorted(compiled.COMPILED_FOR))" 2>&1 | tee -a "$OUT/build.log"
 
 if step test; then
   say test
+  # the GPU-marked tests (incl. tests/ops/test_grad_layouts.py's cuda / triton-cuda rows:
+  # grad_out laid out unlike the inputs), then the Triton kernel tests at their GPU plan
   LITEFPN_REQUIRE_EXT=1 timeout "${TEST_TIMEOUT:-180}" "$PY" -m pytest tests -q -ra \
     ${TEST_ARGS:--m cuda} > "$OUT/tests.log" 2>&1
+  LITEFPN_TRITON_PLAN=gpu LITEFPN_REQUIRE_EXT=1 timeout "${TEST_TIMEOUT:-180}" "$PY" -m pytest \
+    tests/kernels/triton tests/ops/test_grad_layouts.py -q -ra -x >> "$OUT/tests.log" 2>&1
   echo "pytest exit $?"; tail -3 "$OUT/tests.log"
 fi
 

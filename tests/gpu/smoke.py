@@ -66,7 +66,10 @@ def main(argv):
                     fmt = "nhwc" if channels_last else "nchw"
                     tag = f"{backend} {str(dtype)[6:]} {fmt} {shape}"
                     coarse, fine, z, s, stats = inputs(shape, c_in, dtype, channels_last, gen, dev)
-                    g = torch.randn_like(fine)
+                    # grad_out laid out unlike the inputs: a buffer or grid planned from one
+                    # tensor and used with the other is what memcheck should catch
+                    other = torch.contiguous_format if channels_last else torch.channels_last
+                    g = torch.randn_like(fine).contiguous(memory_format=other)
                     d = lambda t: t.detach().double().requires_grad_()  # noqa: E731
                     # up2_fuse
                     out = ops.up2_fuse(coarse, fine, s["w_coarse"], s["w_fine"],

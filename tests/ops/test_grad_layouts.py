@@ -24,10 +24,12 @@ GRAD_LAYOUTS = ["contiguous", "channels_last", "expanded", "permuted", "offset"]
 
 # (backend, Triton launch plan); the others ignore the plan. A backend without kernels for an
 # op here (not built, or none written yet) is skipped with the reason.
-BACKENDS = [pytest.param(("contract", None), id="contract"),
-            pytest.param(("cpu", None), id="cpu"),
-            pytest.param(("triton", "interpreter"), id="triton-interpreter-plan"),
-            pytest.param(("triton", "gpu"), id="triton-gpu-plan")]
+BACKENDS = [pytest.param(("contract", None, "cpu"), id="contract"),
+            pytest.param(("cpu", None, "cpu"), id="cpu"),
+            pytest.param(("triton", "interpreter", "cpu"), id="triton-interpreter-plan"),
+            pytest.param(("triton", "gpu", "cpu"), id="triton-gpu-plan"),
+            pytest.param(("cuda", None, "cuda"), id="cuda", marks=pytest.mark.cuda),
+            pytest.param(("triton", None, "cuda"), id="triton-cuda", marks=pytest.mark.cuda)]
 
 # coarse [N, C, H, W]: with the GPU plan, C=32 and 2W=128 tile NCHW as 128 columns x 16
 # channels and channels_last as 64 columns x 32 channels: 2 column strips vs 1, 4 row programs
@@ -39,19 +41,20 @@ LATERAL_N = 1  # the lateral kernels' GPU plan is the interpreter's slowest; one
 
 @pytest.fixture
 def backend(request, monkeypatch):
-    name, plan = request.param
+    """-> (backend name, device); the inputs are made on the CPU and moved there."""
+    name, plan, device = request.param
     if plan is not None:
         monkeypatch.setenv("LITEFPN_TRITON_PLAN", plan)
-    return name
+    return name, torch.device(device)
 
 
 def backend_params():
     return pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
-def rand(*shape, seed):
+def rand(*shape, seed, device=CPU):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64)
+                       dtype=torch.float64).to(device)
 
 
 def in_layout(t, kind):
@@ -59,17 +62,17 @@ def in_layout(t, kind):
                         else torch.contiguous_format)
 
 
-def grad_in_layout(shape, kind, seed):
+def grad_in_layout(shape, kind, seed, device=CPU):
     """A grad_out of `shape` whose memory layout is `kind` (values are what matters to eager)."""
     if kind == "expanded":
-        return torch.full((1, 1, 1, 1), 0.75, dtype=torch.float64).expand(shape)
-    g = rand(*shape, seed=seed)
+        return torch.full((1, 1, 1, 1), 0.75, dtype=torch.float64, device=device).expand(shape)
+    g = rand(*shape, seed=seed).to(device)
     if kind == "channels_last":
         return g.contiguous(memory_format=torch.channels_last)
     if kind == "permuted":  # [N, C, H, W] view of an [H, N, W, C] tensor
         view = g.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
     elif kind == "offset":  # starts 3 elements into its storage
-        flat = torch.zeros(g.numel() + 3, dtype=torch.float64)
+        flat = torch.zeros(g.numel() + 3, dtype=torch.float64, device=device)
         view = flat[3:].view(shape)
         view.copy_(g)
     else:
@@ -118,15 +121,16 @@ def fused_reference(a, b, wc, wf, gc, gf, eps=1e-4):
 @pytest.mark.parametrize("in_kind", INPUT_LAYOUTS)
 @pytest.mark.parametrize("grad_kind", GRAD_LAYOUTS)
 def test_up2_fuse_backward_mixed_layouts(backend, in_kind, grad_kind):
-    need("up2_fuse", backend, CPU)
-    coarse = in_layout(rand(N, C, H, W, seed=1), in_kind).requires_grad_()
-    fine = in_layout(rand(N, C, 2 * H, 2 * W, seed=2), in_kind).requires_grad_()
-    g = grad_in_layout(fine.shape, grad_kind, seed=3)
+    backend, dev = backend
+    need("up2_fuse", backend, dev)
+    coarse = in_layout(rand(N, C, H, W, seed=1, device=dev), in_kind).requires_grad_()
+    fine = in_layout(rand(N, C, 2 * H, 2 * W, seed=2, device=dev), in_kind).requires_grad_()
+    g = grad_in_layout(fine.shape, grad_kind, seed=3, device=dev)
     for gates in (False, True):  # weights need the sums; gates add per-(n, c) sums
-        wc = (rand(1, seed=4) + 1).requires_grad_()
-        wf = (rand(1, seed=5) - 0.5).requires_grad_()
-        gc = torch.sigmoid(rand(N, C, seed=6)).requires_grad_(gates) if gates else None
-        gf = torch.sigmoid(rand(N, C, seed=7)).requires_grad_(gates) if gates else None
+        wc = (rand(1, seed=4, device=dev) + 1).requires_grad_()
+        wf = (rand(1, seed=5, device=dev) - 0.5).requires_grad_()
+        gc = torch.sigmoid(rand(N, C, seed=6, device=dev)).requires_grad_(gates) if gates else None
+        gf = torch.sigmoid(rand(N, C, seed=7, device=dev)).requires_grad_(gates) if gates else None
         inputs = (coarse, fine, wc, wf, gc, gf)
         got = grads_of(lambda c, f, a, b, p, q: ops.up2_fuse(
             c, f, a, b, gate_coarse=p, gate_fine=q, backend=backend), inputs, g)
@@ -165,8 +169,10 @@ def lateral_reference(training):
             mean = y.mean(dim=(0, 2, 3), keepdim=True)
             var = y.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         else:  # the fixed running statistics of lateral_inputs
-            mean = torch.linspace(-0.2, 0.2, y.shape[1], dtype=y.dtype)[None, :, None, None]
-            var = torch.linspace(0.5, 1.5, y.shape[1], dtype=y.dtype)[None, :, None, None]
+            mean = torch.linspace(-0.2, 0.2, y.shape[1], dtype=y.dtype,
+                                  device=y.device)[None, :, None, None]
+            var = torch.linspace(0.5, 1.5, y.shape[1], dtype=y.dtype,
+                                 device=y.device)[None, :, None, None]
         y = (y - mean) / torch.sqrt(var + 1e-5) * bn_w[None, :, None, None] \
             + bn_b[None, :, None, None]
         return fused_reference(up2(coarse), y, wc, wf, gc, gf)
@@ -178,22 +184,23 @@ def lateral_reference(training):
 @pytest.mark.parametrize("grad_kind", GRAD_LAYOUTS)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_lateral_up2_fuse_backward_mixed_layouts(backend, in_kind, grad_kind, training):
-    need("lateral_up2_fuse", backend, CPU)
+    backend, dev = backend
+    need("lateral_up2_fuse", backend, dev)
     N = LATERAL_N
-    coarse = in_layout(rand(N, C, H, W, seed=1), in_kind).requires_grad_()
-    z = in_layout(rand(N, CIN, 2 * H, 2 * W, seed=2), in_kind).requires_grad_()
-    conv_w = (rand(C, CIN, 1, 1, seed=3) / CIN ** 0.5).requires_grad_()
-    bn_w = (1 + 0.2 * rand(C, seed=4)).requires_grad_()
-    bn_b = (0.1 * rand(C, seed=5)).requires_grad_()
-    wc = (rand(1, seed=6) + 1).requires_grad_()
-    wf = (rand(1, seed=7) - 0.5).requires_grad_()
-    gc = torch.sigmoid(rand(N, C, seed=8)).requires_grad_()
-    gf = torch.sigmoid(rand(N, C, seed=9)).requires_grad_()
-    g = grad_in_layout((N, C, 2 * H, 2 * W), grad_kind, seed=10)
+    coarse = in_layout(rand(N, C, H, W, seed=1, device=dev), in_kind).requires_grad_()
+    z = in_layout(rand(N, CIN, 2 * H, 2 * W, seed=2, device=dev), in_kind).requires_grad_()
+    conv_w = (rand(C, CIN, 1, 1, seed=3, device=dev) / CIN ** 0.5).requires_grad_()
+    bn_w = (1 + 0.2 * rand(C, seed=4, device=dev)).requires_grad_()
+    bn_b = (0.1 * rand(C, seed=5, device=dev)).requires_grad_()
+    wc = (rand(1, seed=6, device=dev) + 1).requires_grad_()
+    wf = (rand(1, seed=7, device=dev) - 0.5).requires_grad_()
+    gc = torch.sigmoid(rand(N, C, seed=8, device=dev)).requires_grad_()
+    gf = torch.sigmoid(rand(N, C, seed=9, device=dev)).requires_grad_()
+    g = grad_in_layout((N, C, 2 * H, 2 * W), grad_kind, seed=10, device=dev)
 
     def fused(c, zz, cw, bw, bb, a, b, p, q):
-        running_mean = torch.linspace(-0.2, 0.2, C, dtype=torch.float64)
-        running_var = torch.linspace(0.5, 1.5, C, dtype=torch.float64)
+        running_mean = torch.linspace(-0.2, 0.2, C, dtype=torch.float64, device=dev)
+        running_var = torch.linspace(0.5, 1.5, C, dtype=torch.float64, device=dev)
         return ops.lateral_up2_fuse(c, zz, cw, bw, bb, running_mean, running_var, training,
                                     w_coarse=a, w_fine=b, gate_coarse=p, gate_fine=q,
                                     backend=backend)
@@ -208,13 +215,14 @@ def test_lateral_up2_fuse_backward_mixed_layouts(backend, in_kind, grad_kind, tr
 @pytest.mark.parametrize("grad_kind", GRAD_LAYOUTS)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_bn_silu_backward_mixed_layouts(backend, in_kind, grad_kind, training):
-    need("bn_silu", backend, CPU)
-    x = in_layout(rand(N, C, 2 * H, 2 * W, seed=1), in_kind).requires_grad_()
-    bn_w = (1 + 0.2 * rand(C, seed=2)).requires_grad_()
-    bn_b = (0.1 * rand(C, seed=3)).requires_grad_()
-    rm = torch.linspace(-0.2, 0.2, C, dtype=torch.float64)
-    rv = torch.linspace(0.5, 1.5, C, dtype=torch.float64)
-    g = grad_in_layout(x.shape, grad_kind, seed=4)
+    backend, dev = backend
+    need("bn_silu", backend, dev)
+    x = in_layout(rand(N, C, 2 * H, 2 * W, seed=1, device=dev), in_kind).requires_grad_()
+    bn_w = (1 + 0.2 * rand(C, seed=2, device=dev)).requires_grad_()
+    bn_b = (0.1 * rand(C, seed=3, device=dev)).requires_grad_()
+    rm = torch.linspace(-0.2, 0.2, C, dtype=torch.float64, device=dev)
+    rv = torch.linspace(0.5, 1.5, C, dtype=torch.float64, device=dev)
+    g = grad_in_layout(x.shape, grad_kind, seed=4, device=dev)
 
     def reference(xx, w, b):
         if training:
