@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support.helpers import CPU, need
+from tests.support.helpers import CPU, layout, need
 from litefpn_kernels import ops
 from litefpn_kernels.triton import up2_fuse as triton_up2
 
@@ -55,11 +55,6 @@ def backend_params():
 def rand(*shape, seed, device=CPU):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
                        dtype=torch.float64).to(device)
-
-
-def in_layout(t, kind):
-    return t.contiguous(memory_format=torch.channels_last if kind == "channels_last"
-                        else torch.contiguous_format)
 
 
 def grad_in_layout(shape, kind, seed, device=CPU):
@@ -123,8 +118,8 @@ def fused_reference(a, b, wc, wf, gc, gf, eps=1e-4):
 def test_up2_fuse_backward_mixed_layouts(backend, in_kind, grad_kind):
     backend, dev = backend
     need("up2_fuse", backend, dev)
-    coarse = in_layout(rand(N, C, H, W, seed=1, device=dev), in_kind).requires_grad_()
-    fine = in_layout(rand(N, C, 2 * H, 2 * W, seed=2, device=dev), in_kind).requires_grad_()
+    coarse = layout(rand(N, C, H, W, seed=1, device=dev), in_kind).requires_grad_()
+    fine = layout(rand(N, C, 2 * H, 2 * W, seed=2, device=dev), in_kind).requires_grad_()
     g = grad_in_layout(fine.shape, grad_kind, seed=3, device=dev)
     for gates in (False, True):  # weights need the sums; gates add per-(n, c) sums
         wc = (rand(1, seed=4, device=dev) + 1).requires_grad_()
@@ -145,15 +140,15 @@ def test_triton_partials_follow_the_backward_launch(monkeypatch, in_kind, grad_k
     """The partial-sum buffer has exactly the slots of the grid that writes it, and a buffer
     planned for another layout is refused rather than summed half-written."""
     monkeypatch.setenv("LITEFPN_TRITON_PLAN", "gpu")
-    coarse = in_layout(rand(N, C, H, W, seed=1), in_kind)
-    fine = in_layout(rand(N, C, 2 * H, 2 * W, seed=2), in_kind)
+    coarse = layout(rand(N, C, H, W, seed=1), in_kind)
+    fine = layout(rand(N, C, 2 * H, 2 * W, seed=2), in_kind)
     g = grad_in_layout(fine.shape, grad_kind, seed=3)
     parts = torch.empty(triton_up2.partials_shape(coarse, g))
     args = (g, coarse, fine, None, None, None, None, 1e-4, True, torch.empty_like(coarse),
             torch.empty_like(fine), parts)
     _, grid, _, _ = triton_up2.plan_backward(*args)
     assert parts.shape[1] * N == grid[0] and parts.shape[1] > 1
-    other = in_layout(g.contiguous(), "contiguous" if in_kind == "channels_last"
+    other = layout(g.contiguous(), "contiguous" if in_kind == "channels_last"
                       else "channels_last")
     wrong = torch.empty(triton_up2.partials_shape(coarse, other))
     if wrong.shape != parts.shape:
@@ -187,8 +182,8 @@ def test_lateral_up2_fuse_backward_mixed_layouts(backend, in_kind, grad_kind, tr
     backend, dev = backend
     need("lateral_up2_fuse", backend, dev)
     N = LATERAL_N
-    coarse = in_layout(rand(N, C, H, W, seed=1, device=dev), in_kind).requires_grad_()
-    z = in_layout(rand(N, CIN, 2 * H, 2 * W, seed=2, device=dev), in_kind).requires_grad_()
+    coarse = layout(rand(N, C, H, W, seed=1, device=dev), in_kind).requires_grad_()
+    z = layout(rand(N, CIN, 2 * H, 2 * W, seed=2, device=dev), in_kind).requires_grad_()
     conv_w = (rand(C, CIN, 1, 1, seed=3, device=dev) / CIN ** 0.5).requires_grad_()
     bn_w = (1 + 0.2 * rand(C, seed=4, device=dev)).requires_grad_()
     bn_b = (0.1 * rand(C, seed=5, device=dev)).requires_grad_()
@@ -217,7 +212,7 @@ def test_lateral_up2_fuse_backward_mixed_layouts(backend, in_kind, grad_kind, tr
 def test_bn_silu_backward_mixed_layouts(backend, in_kind, grad_kind, training):
     backend, dev = backend
     need("bn_silu", backend, dev)
-    x = in_layout(rand(N, C, 2 * H, 2 * W, seed=1, device=dev), in_kind).requires_grad_()
+    x = layout(rand(N, C, 2 * H, 2 * W, seed=1, device=dev), in_kind).requires_grad_()
     bn_w = (1 + 0.2 * rand(C, seed=2, device=dev)).requires_grad_()
     bn_b = (0.1 * rand(C, seed=3, device=dev)).requires_grad_()
     rm = torch.linspace(-0.2, 0.2, C, dtype=torch.float64, device=dev)
