@@ -1,8 +1,9 @@
 """Triton device helpers shared by the fused operators (the Triton twin of csrc/litefpn_math.h).
 
 Small `@triton.jit` functions, inlined into the kernels: the bilinear 2x taps
-(align_corners=False) in both directions, and the softplus-normalised fusion weights. Host-side
-helpers for launching (device guard, int64 decision, eps split) live here too.
+(align_corners=False) in both directions, the softplus-normalised fusion weights and the
+per-channel fusion coefficients. Host-side helpers for launching (device guard, int64 decision,
+eps split) live here too.
 """
 import contextlib
 import os
@@ -61,6 +62,23 @@ def fusion_coef(w_ptr, gate_ptr, gate_off, gate_mask, weight, HAS_W: tl.constexp
     if HAS_W:
         coef = coef * weight
     return coef
+
+
+@triton.jit
+def fusion_coefs(wc_ptr, wf_ptr, gc_ptr, gf_ptr, eps_hi, eps_lo, n, C, c, c_mask,
+                 HAS_W: tl.constexpr, HAS_GC: tl.constexpr, HAS_GF: tl.constexpr,
+                 BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(alpha*gc[n, c], beta*gf[n, c]) as [BLOCK] vectors in ACC; an absent factor is 1.
+
+    The gate index n*C + c is formed here, after the weights, as the kernels always did: taking
+    it as an argument reorders the IR and moved registers in the static table by -16 to +1."""
+    alpha = 1.0
+    beta = 1.0
+    if HAS_W:
+        alpha, beta = fusion_weights(wc_ptr, wf_ptr, eps_hi, eps_lo, ACC)
+    coef_c = fusion_coef(wc_ptr, gc_ptr, n * C + c, c_mask, alpha, HAS_W, HAS_GC, BLOCK, ACC)
+    coef_f = fusion_coef(wf_ptr, gf_ptr, n * C + c, c_mask, beta, HAS_W, HAS_GF, BLOCK, ACC)
+    return coef_c, coef_f
 
 
 @triton.jit

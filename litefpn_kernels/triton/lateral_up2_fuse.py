@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights, interpreter_plan,
-                      needs_int64, next_pow2, split_eps, tf32_round, up2_taps)
+from ._common import (acc_tl_dtype, device_guard, fusion_coefs, interpreter_plan, needs_int64,
+                      next_pow2, split_eps, tf32_round, up2_taps)
 from .up2_fuse import bwd_coarse, plan_sum_partials
 
 __all__ = ["gram", "fwd", "grad_z", "bwd_coarse"]
@@ -154,12 +154,8 @@ def _lateral_fwd_kernel(
     c_mask = c < C
     mask = p_mask[:, None] & c_mask[None, :]
 
-    alpha = 1.0
-    beta = 1.0
-    if HAS_W:
-        alpha, beta = fusion_weights(wc_ptr, wf_ptr, eps_hi, eps_lo, ACC)
-    coef_c = fusion_coef(wc_ptr, gc_ptr, n * C + c, c_mask, alpha, HAS_W, HAS_GC, BLOCK_C, ACC)
-    coef_f = fusion_coef(wf_ptr, gf_ptr, n * C + c, c_mask, beta, HAS_W, HAS_GF, BLOCK_C, ACC)
+    coef_c, coef_f = fusion_coefs(wc_ptr, wf_ptr, gc_ptr, gf_ptr, eps_hi, eps_lo, n, C, c, c_mask,
+                                  HAS_W, HAS_GC, HAS_GF, BLOCK_C, ACC)
     bias = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
 
     # y = z[n, :, p]^T @ weight^T, in BLOCK_K slices of the input channels
@@ -359,14 +355,19 @@ def plan_gram(a, b, a_center, b_center, gram_out, colsum_out, interpret=None):
     return _gram_kernel, grid, args, kwargs
 
 
+def _mix_tiling(p, c_out, c_red, interp):
+    """(BLOCK_P, output-channel block, reduction slice) of a channel mix over p pixels (fwd and
+    grad_z): the interpreter takes both channel counts whole and pixels up to its tile budget."""
+    if interp:
+        bo, br = next_pow2(c_out), next_pow2(c_red)
+        return max(1, min(next_pow2(p), _INTERP_TILE_ELEMS // max(bo, br))), bo, br
+    return _GEMM_BLOCK_P, _ch_block(c_out, _GEMM_MAX_C), _ch_block(c_red, _GEMM_MAX_K)
+
+
 def fwd_tiling(coarse, z, interpret=None):
-    """(BLOCK_P, BLOCK_C, BLOCK_K) from the shapes only."""
-    c, c_in = coarse.shape[1], z.shape[1]
-    p = z.shape[2] * z.shape[3]
-    if _interpret(z, interpret):
-        bc, bk = next_pow2(c), next_pow2(c_in)
-        return max(1, min(next_pow2(p), _INTERP_TILE_ELEMS // max(bc, bk))), bc, bk
-    return _GEMM_BLOCK_P, _ch_block(c, _GEMM_MAX_C), _ch_block(c_in, _GEMM_MAX_K)
+    """(BLOCK_P, BLOCK_C, BLOCK_K) from the shapes only: C outputs, a reduction over Cin."""
+    return _mix_tiling(z.shape[2] * z.shape[3], coarse.shape[1], z.shape[1],
+                       _interpret(z, interpret))
 
 
 def plan_fwd(coarse, z, weight, bias, w_coarse, w_fine, gate_coarse, gate_fine, eps, out,
@@ -391,14 +392,11 @@ def plan_fwd(coarse, z, weight, bias, w_coarse, w_fine, gate_coarse, gate_fine, 
 
 
 def grad_z_tiling(grad_out, z, interpret=None):
-    """(BLOCK_P, BLOCK_K (output channels), BLOCK_C, BLOCK_J (reductions)) from the shapes."""
+    """(BLOCK_P, BLOCK_K (output channels), BLOCK_C, BLOCK_J (reductions)) from the shapes:
+    Cin outputs, reductions over C (g @ weight) and over Cin (z @ quad^T, fwd's Cin slice)."""
     c, c_in = grad_out.shape[1], z.shape[1]
-    p = z.shape[2] * z.shape[3]
-    if _interpret(z, interpret):
-        bk, bc = next_pow2(c_in), next_pow2(c)
-        return max(1, min(next_pow2(p), _INTERP_TILE_ELEMS // max(bk, bc))), bk, bc, bk
-    return (_GEMM_BLOCK_P, _ch_block(c_in, _GEMM_MAX_C), _ch_block(c, _GEMM_MAX_K),
-            _ch_block(c_in, _GEMM_MAX_K))
+    p, interp = z.shape[2] * z.shape[3], _interpret(z, interpret)
+    return (*_mix_tiling(p, c_in, c, interp), _mix_tiling(p, c, c_in, interp)[2])
 
 
 def plan_grad_z(grad_out, z, weight, scale, quad, shift, out, interpret=None):

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_tl_dtype, device_guard, fusion_coef, fusion_weights, gather4,
-                      interpreter_plan, needs_int64, next_pow2, split_eps, streaming_warps,
-                      up2_gather_taps, up2_taps)
+from ._common import (acc_tl_dtype, device_guard, fusion_coefs, gather4, interpreter_plan,
+                      needs_int64, next_pow2, split_eps, streaming_warps, up2_gather_taps,
+                      up2_taps)
 
 __all__ = ["fwd", "bwd", "bwd_coarse"]
 
@@ -59,12 +59,8 @@ def _up2_fuse_fwd_kernel(
     mask = (x < 2 * W)[:, None] & c_mask[None, :]
 
     # coefficients A = alpha*gc[n, c], B = beta*gf[n, c] (vectors over the channel block)
-    alpha = 1.0
-    beta = 1.0
-    if HAS_W:
-        alpha, beta = fusion_weights(wc_ptr, wf_ptr, eps_hi, eps_lo, ACC)
-    coef_c = fusion_coef(wc_ptr, gc_ptr, n * C + c, c_mask, alpha, HAS_W, HAS_GC, BLOCK_C, ACC)
-    coef_f = fusion_coef(wf_ptr, gf_ptr, n * C + c, c_mask, beta, HAS_W, HAS_GF, BLOCK_C, ACC)
+    coef_c, coef_f = fusion_coefs(wc_ptr, wf_ptr, gc_ptr, gf_ptr, eps_hi, eps_lo, n, C, c, c_mask,
+                                  HAS_W, HAS_GC, HAS_GF, BLOCK_C, ACC)
     coef_c = coef_c[None, :]
     coef_f = coef_f[None, :]
 
@@ -171,12 +167,8 @@ def _up2_fuse_bwd_kernel(
     mask = (x < 2 * W)[:, None] & c_mask[None, :]
     mask_j = (j < W)[:, None] & c_mask[None, :]
 
-    alpha = 1.0
-    beta = 1.0
-    if HAS_W:
-        alpha, beta = fusion_weights(wc_ptr, wf_ptr, eps_hi, eps_lo, ACC)
-    coef_c = fusion_coef(wc_ptr, gc_ptr, n * C + c, c_mask, alpha, HAS_W, HAS_GC, BLOCK_C, ACC)
-    coef_f = fusion_coef(wf_ptr, gf_ptr, n * C + c, c_mask, beta, HAS_W, HAS_GF, BLOCK_C, ACC)
+    coef_c, coef_f = fusion_coefs(wc_ptr, wf_ptr, gc_ptr, gf_ptr, eps_hi, eps_lo, n, C, c, c_mask,
+                                  HAS_W, HAS_GC, HAS_GF, BLOCK_C, ACC)
     coef_c = coef_c[None, :]
     coef_f = coef_f[None, :]
 
