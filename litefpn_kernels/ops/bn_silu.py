@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import backends, eager
 from ..backends import registry
-from . import _autograd_support, _batch_norm, _checks, _distributed
+from . import _autograd_support, _batch_norm, _checks, _dispatch, _distributed
 from ._tensor import acc_dtype, empty_in_format
 
 
@@ -57,22 +57,22 @@ def bn_silu(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optiona
         return _synced(x, bn_weight, bn_bias, running_mean, running_var, momentum, bn_eps, key,
                        name)
     if training:
-        mean, var = torch.ops.litefpn.bn_silu_stats(x.detach(), name)
+        mean, var = _stats_call(x.detach(), name)
         _batch_norm.update_running_stats(running_mean, running_var, mean, var,
                                          _batch_norm.count(x), momentum)
     else:
         mean, var = running_mean, running_var
-    return torch.ops.litefpn.bn_silu(x, bn_weight, bn_bias, mean, var, training, float(bn_eps),
+    return _bn_silu_call(x, bn_weight, bn_bias, mean, var, training, float(bn_eps),
                                      name, "")
 
 
 @torch._dynamo.disable  # collectives: the distributed path runs outside compiled graphs
 def _synced(x, bn_weight, bn_bias, running_mean, running_var, momentum, bn_eps, key, name):
     """Training with the global batch's statistics: local moments, all_gather, then apply."""
-    mean, var = torch.ops.litefpn.bn_silu_stats(x.detach(), name)
+    mean, var = _stats_call(x.detach(), name)
     mean, var, total, _ = _distributed.global_moments(key, _batch_norm.count(x), mean, var)
     _batch_norm.update_running_stats(running_mean, running_var, mean, var, total, momentum)
-    return torch.ops.litefpn.bn_silu(x, bn_weight, bn_bias, mean, var, True, float(bn_eps),
+    return _bn_silu_call(x, bn_weight, bn_bias, mean, var, True, float(bn_eps),
                                      name, key)
 
 
@@ -188,7 +188,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-    s1, s2 = torch.ops.litefpn.bn_silu_backward_sums(grad_out, x, bn_weight, bn_bias, mean, var,
+    s1, s2 = _backward_sums_call(grad_out, x, bn_weight, bn_bias, mean, var,
                                                      ctx.bn_eps, ctx.backend)
     count, g1, g2 = _batch_norm.count(x), s1, s2
     if ctx.group_key:  # every rank joins, even one whose grad_x is not needed
@@ -196,7 +196,7 @@ def _backward(ctx, grad_out):
     need = ctx.needs_input_grad
     grad_x = None
     if need[0]:
-        grad_x = torch.ops.litefpn.bn_silu_backward(grad_out, x, bn_weight, bn_bias, mean, var,
+        grad_x = _backward_call(grad_out, x, bn_weight, bn_bias, mean, var,
                                                     g1, g2, count, ctx.training, ctx.bn_eps,
                                                     ctx.backend)
     r = torch.rsqrt(var.to(s2.dtype) + ctx.bn_eps)
@@ -205,3 +205,9 @@ def _backward(ctx, grad_out):
 
 
 _bn_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+# the callers of the ops above (`_dispatch`): direct in plain eager, else the custom ops
+_stats_call = _dispatch.direct(_bn_silu_stats_op)
+_bn_silu_call = _dispatch.direct(_bn_silu_op, _setup_context, _backward)
+_backward_sums_call = _dispatch.direct(_bn_silu_backward_sums_op)
+_backward_call = _dispatch.direct(_bn_silu_backward_op)

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from .. import backends, eager
 from ..backends import registry
-from ..eager import FUSION_EPS, fusion_weights
-from . import _autograd_support, _batch_norm, _checks, _distributed
-from ._fusion import fusion_param_grads
+from ..eager import FUSION_EPS
+from . import _autograd_support, _batch_norm, _checks, _dispatch, _distributed
+from ._fusion import fusion_coefs, fusion_param_grads
 from ._tensor import acc_dtype, empty_in_format, like_param, sum_shape, to_acc_contiguous
 
 
@@ -70,7 +70,7 @@ def lateral_up2_fuse(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: 
                        momentum, bn_eps, key, args)
     acc = acc_dtype(z.dtype)
     if training:
-        mean_z, cov_z = torch.ops.litefpn.lateral_moments(z.detach(), name)
+        mean_z, cov_z = _moments_call(z.detach(), name)
         stat_mean, stat_var = _batch_norm.y_moments(_weight(conv_weight.detach(), acc), mean_z,
                                                     cov_z)
         _batch_norm.update_running_stats(running_mean, running_var, stat_mean, stat_var,
@@ -78,7 +78,7 @@ def lateral_up2_fuse(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: 
     else:
         stat_mean, stat_var = running_mean, running_var
         mean_z, cov_z = z.new_empty((0,), dtype=acc), z.new_empty((0, 0), dtype=acc)
-    return torch.ops.litefpn.lateral_up2_fuse(
+    return _lateral_call(
         coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, cov_z,
         z.new_empty((0,), dtype=acc), training, float(bn_eps), *args, "")
 
@@ -90,13 +90,13 @@ def _synced(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_va
     The op gets the global mean of z, this rank's second moment of z about it and its offset
     (local mean - global mean): the conv weight's gradient sums over this rank only."""
     acc = acc_dtype(z.dtype)
-    mean_l, cov_l = torch.ops.litefpn.lateral_moments(z.detach(), args[-1])
+    mean_l, cov_l = _moments_call(z.detach(), args[-1])
     mean_z, cov_z, total, delta = _distributed.global_moments(key, _batch_norm.count(z), mean_l,
                                                               cov_l)
     stat_mean, stat_var = _batch_norm.y_moments(_weight(conv_weight.detach(), acc), mean_z, cov_z)
     _batch_norm.update_running_stats(running_mean, running_var, stat_mean, stat_var, total,
                                      momentum)
-    return torch.ops.litefpn.lateral_up2_fuse(
+    return _lateral_call(
         coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z,
         cov_l + torch.outer(delta, delta), delta, True, float(bn_eps), *args, key)
 
@@ -112,13 +112,13 @@ def _out_like_z(coarse, z):
 
 
 def _fine_factor(n, c, w_coarse, w_fine, gate_fine, eps, acc, device):
-    """m[n, c] = beta*gate_fine, the factor on BN's output in the fused sum."""
-    m = torch.ones((n, c), dtype=acc, device=device)
-    if gate_fine is not None:
-        m = m * gate_fine.to(acc)
-    if w_coarse is not None:
-        m = m * fusion_weights(w_coarse.to(acc), w_fine.to(acc), eps)[1]
-    return m
+    """m[n, c] = beta*gate_fine, the factor on BN's output in the fused sum ([N, C],
+    contiguous)."""
+    if w_coarse is None:
+        return (torch.ones((n, c), dtype=acc, device=device) if gate_fine is None
+                else gate_fine.to(acc).contiguous())
+    beta = fusion_coefs(w_coarse, w_fine, eps, acc)[1]
+    return beta.expand(n, c).contiguous() if gate_fine is None else gate_fine.to(acc) * beta
 
 
 # ----------------------------------------------------------------------------- statistics op
@@ -314,13 +314,13 @@ def _backward(ctx, grad_out):
      w_coarse, w_fine, gate_coarse, gate_fine) = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_params = (need[12], need[13], need[14], need[15])
-    a_sum, s, d_gamma, sum_fine = torch.ops.litefpn.lateral_up2_fuse_backward_sums(
+    a_sum, s, d_gamma, sum_fine = _backward_sums_call(
         grad_out, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, ctx.training,
         ctx.bn_eps, w_coarse, w_fine, gate_fine, ctx.eps, any(need_params), ctx.backend)
     count, s_all, d_all = _batch_norm.count(z), s, d_gamma
     if ctx.group_key:  # every rank joins, whatever it needs
         count, s_all, d_all = _distributed.all_reduce_sums(ctx.group_key, count, s, d_gamma)
-    grad_coarse, grad_z, grad_w, sum_coarse = torch.ops.litefpn.lateral_up2_fuse_backward(
+    grad_coarse, grad_z, grad_w, sum_coarse = _backward_call(
         grad_out, coarse, z, conv_weight, bn_weight, stat_var, mean_z, cov_z, delta_z, a_sum, s,
         s_all, d_all, count, ctx.training, ctx.bn_eps, w_coarse, w_fine, gate_coarse, gate_fine,
         ctx.eps, any(need_params), ctx.backend)
@@ -336,3 +336,9 @@ def _backward(ctx, grad_out):
 
 
 _lateral_up2_fuse_op.register_autograd(_backward, setup_context=_setup_context)
+
+# the callers of the ops above (`_dispatch`): direct in plain eager, else the custom ops
+_moments_call = _dispatch.direct(_lateral_moments_op)
+_lateral_call = _dispatch.direct(_lateral_up2_fuse_op, _setup_context, _backward)
+_backward_sums_call = _dispatch.direct(_lateral_backward_sums_op)
+_backward_call = _dispatch.direct(_lateral_up2_fuse_backward_op)

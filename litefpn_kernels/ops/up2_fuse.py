@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import backends, eager
 from ..backends import registry
 from ..eager import FUSION_EPS
-from . import _autograd_support, _checks
+from . import _autograd_support, _checks, _dispatch
 from ._fusion import fusion_param_grads
 from ._tensor import acc_dtype, sum_shape, to_acc_contiguous
 
@@ -40,7 +40,7 @@ def up2_fuse(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor] = None,
     if name == "eager":
         _checks.up2_fuse(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps)
         return eager.up2_fuse(coarse, fine, w_coarse, w_fine, eps, gate_coarse, gate_fine)
-    return torch.ops.litefpn.up2_fuse(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine,
+    return _up2_fuse_call(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine,
                                       float(eps), name)
 
 
@@ -103,7 +103,7 @@ def _backward(ctx, grad_out):
     coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_params = tuple(need[2:6])
-    grad_coarse, grad_fine, sum_coarse, sum_fine = torch.ops.litefpn.up2_fuse_backward(
+    grad_coarse, grad_fine, sum_coarse, sum_fine = _backward_call(
         grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, ctx.eps,
         any(need_params), ctx.backend)
     grad_wc = grad_wf = grad_gc = grad_gf = None
@@ -115,3 +115,7 @@ def _backward(ctx, grad_out):
 
 
 _up2_fuse_op.register_autograd(_backward, setup_context=_setup_context)
+
+# the callers of the ops above (`_dispatch`): direct in plain eager, else the custom ops
+_up2_fuse_call = _dispatch.direct(_up2_fuse_op, _setup_context, _backward)
+_backward_call = _dispatch.direct(_up2_fuse_backward_op)

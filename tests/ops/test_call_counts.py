@@ -1,0 +1,94 @@
+"""What one fused call launches, counted (torch.profiler, CPU backend): the kernels, and the
+[C]-sized glue ATen ops around them, which cost more than the kernels at small sizes (and are a
+launch each on a GPU). The ceilings are today's counts: lower them when the glue shrinks, never
+raise them without a reason in the commit. Also: in plain eager the ops skip the custom-op
+wrapper (`ops/_dispatch.py`) and give bit-for-bit what the custom ops give."""
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from litefpn_kernels import ops
+from tests.support.call_counts import split, top_level_calls
+from tests.support.helpers import need
+from tests.support.inputs import bn_silu_inputs, lateral_up2_fuse_inputs, up2_fuse_inputs
+
+
+def _up2(gates):
+    coarse, fine, kw = up2_fuse_inputs((2, 8, 4, 6), torch.float32, "cpu", gates=gates,
+                                       requires_grad=True)
+    return (lambda: ops.up2_fuse(coarse, fine, **kw, backend="cpu")), [coarse, fine, *kw.values()]
+
+
+def _lateral(training):
+    coarse, z, kw = lateral_up2_fuse_inputs((2, 4, 8, 4, 6), torch.float32, "cpu",
+                                            requires_grad=True)
+    return ((lambda: ops.lateral_up2_fuse(coarse, z, training=training, **kw, backend="cpu")),
+            [coarse, z, *kw.values()])
+
+
+def _bn_silu(training):
+    x, kw = bn_silu_inputs((2, 8, 6, 10), torch.float32, requires_grad=True)
+    return (lambda: ops.bn_silu(x, **kw, training=training, backend="cpu")), [x, *kw.values()]
+
+
+#: case -> (make -> (call, its tensors), (kernels, glue) forward, (kernels, glue) backward);
+#: glue: ceilings
+CASES = {
+    "up2_fuse-weighted": (lambda: _up2(False), (1, 2), (1, 25)),
+    "up2_fuse-gated": (lambda: _up2(True), (1, 4), (1, 39)),
+    "lateral_up2_fuse-train": (lambda: _lateral(True), (2, 39), (3, 112)),
+    "lateral_up2_fuse-eval": (lambda: _lateral(False), (1, 18), (3, 101)),
+    "bn_silu-train": (lambda: _bn_silu(True), (2, 23), (2, 37)),
+    "bn_silu-eval": (lambda: _bn_silu(False), (1, 9), (2, 28)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_calls_per_fused_op(case):
+    need(case.split("-")[0], "cpu", torch.device("cpu"))
+    make, (fwd_kernels, fwd_glue), (bwd_kernels, bwd_glue) = CASES[case]
+    call, tensors = make()
+    call().sum().backward()  # first call: lazy imports and caches
+    for t in tensors:
+        t.grad = None  # else autograd's own accumulation (add_) would count
+    out = []
+    fwd = top_level_calls(lambda: out.append(call()))
+    grad = torch.ones_like(out[0])
+    bwd = top_level_calls(lambda: out[0].backward(grad))
+    assert not any(name.startswith("litefpn::") and not name.startswith("litefpn::_")
+                   for name in fwd + bwd), f"a custom-op wrapper ran in plain eager: {fwd + bwd}"
+    for what, calls, kernels, glue in (("forward", fwd, fwd_kernels, fwd_glue),
+                                       ("backward", bwd, bwd_kernels, bwd_glue)):
+        got_kernels, got_glue = split(calls)
+        assert got_kernels == kernels, f"{what}: {dict(calls)}"
+        assert got_glue <= glue, f"{what}: {got_glue} glue ops > {glue}: {dict(calls)}"
+
+
+class _Intercept(TorchDispatchMode):
+    """A dispatch mode that changes nothing: its presence makes the ops take the custom ops."""
+    seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func.name()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_direct_call_equals_custom_op(case):
+    """Output, every gradient and the running statistics, bit for bit, from the direct call
+    (plain eager) and from the custom ops (taken under a dispatch mode)."""
+    need(case.split("-")[0], "cpu", torch.device("cpu"))
+    _Intercept.seen.clear()
+    results = []
+    for intercept in (False, True):
+        call, tensors = CASES[case][0]()  # fresh inputs and running statistics per path
+        with _Intercept() if intercept else contextlib.nullcontext():
+            out = call()
+            out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        results.append([out.detach()] + [t.grad if t.requires_grad else t for t in tensors])
+    assert any(n.startswith("litefpn::") and not n.startswith("litefpn::_")
+               for n in _Intercept.seen), "the intercepted run did not reach the custom ops"
+    for direct, custom in zip(*results):
+        assert torch.equal(direct, custom)
