@@ -5,9 +5,12 @@
 # everywhere else a virtualenv (.venv) gets the pinned versions below.
 SHELL := /bin/bash
 VENV ?= .venv
-PINNED := torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest pytest-benchmark ninja pybind11 \
-          matplotlib setuptools wheel
+PINNED := torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest pytest-benchmark pytest-xdist ninja \
+          pybind11 matplotlib setuptools wheel
 PYTEST_ARGS ?= -q
+# pytest-xdist workers for `make test` (a test file stays on one worker: its module fixtures,
+# e.g. the emulation builds, run once); TEST_JOBS=0 runs in this process
+TEST_JOBS ?= 2
 BENCH_ARGS ?=
 
 SYSTEM_CUDA := $(shell python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && echo 1)
@@ -22,7 +25,7 @@ EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
 .PHONY: test bench microbench env build clean
 
-$(VENV)/.pinned:
+$(VENV)/.pinned: Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(PINNED)
@@ -30,7 +33,7 @@ $(VENV)/.pinned:
 
 build/.env-system:
 	mkdir -p build
-	python3 -m pip install -q pytest pytest-benchmark ninja pybind11 matplotlib || true
+	python3 -m pip install -q pytest pytest-benchmark pytest-xdist ninja pybind11 matplotlib || true
 	touch $@
 
 # the editable install compiles litefpn_kernels._C in place
@@ -43,7 +46,7 @@ env: $(ENV_STAMP)
 build: build/.ext
 
 test: build/.ext
-	@LITEFPN_REQUIRE_EXT=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	@LITEFPN_REQUIRE_EXT=1 $(PYTHON) -m pytest tests -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - treating as a failure"; exit 1; fi; \
 	exit $$rc
 

@@ -15,8 +15,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# thread-count guard: the shared 2-core machines; determinism tests set their own counts
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# thread-count guard: the shared 2-core machines, split between pytest-xdist workers (make test
+# runs two; oversubscribed OpenMP teams spin against each other); determinism tests set their own
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 
 from litefpn_kernels import backends  # noqa: E402
 from tests.support import contract  # noqa: E402,F401  (registers the "contract" backend)
