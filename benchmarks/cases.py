@@ -2,13 +2,15 @@
 
 A workload is a closure over its inputs: `make_case(...)` returns a `Case` with one callable per
 pass ("fwd", "fwd_bwd", "eval") and the bytes each pass must move at the least (one read of every
-input, one write of every output), which turns a time into an achieved bandwidth.
+input, one write of every output: `ideal_bytes`), which turns a time into an achieved bandwidth.
+What the kernels move by design, and the GPU prediction from it: benchmarks/bandwidth_model.py.
 
 Implementations ("impl"): "eager" (the plain PyTorch composition), "compile" (torch.compile of
 that composition) and every fused backend of litefpn_kernels that runs on the device.
 """
 import copy
 import dataclasses
+import math
 from typing import Callable, Dict, Optional
 
 import torch
@@ -28,6 +30,37 @@ class Case:
     impl: str
     run: Dict[str, Callable[[], None]]
     bytes: Dict[str, Optional[int]]
+    #: the op rows' activation inputs by name (`map_shapes`), and the training forward that
+    #: returns the output (what run["fwd"] calls); None for the neck and the copy
+    maps: Optional[Dict[str, torch.Tensor]] = None
+    forward: Optional[Callable[[], torch.Tensor]] = None
+
+
+def map_shapes(op, level, batch):
+    """({input name: shape}, output shape) of the activation maps of an op row at `level`."""
+    (h, w), cin = LEVELS[level]
+    coarse, fine = (batch, CHANNELS, h, w), (batch, CHANNELS, 2 * h, 2 * w)
+    if op == "up2_fuse":
+        return {"coarse": coarse, "fine": fine}, fine
+    if op == "lateral_up2_fuse":
+        return {"coarse": coarse, "z": (batch, cin, 2 * h, 2 * w)}, fine
+    if op == "bn_silu":
+        return {"x": fine}, fine
+    raise ValueError(f"no activation maps for {op!r}")
+
+
+def ideal_bytes(op, level, batch, dtype):
+    """The bytes a pass must move at the least ("ideal": every map read once, written once), by
+    pass: fwd and eval read each input map and write the output; bwd reads grad_out and each
+    input map (every one is needed: the fusion-weight sums read coarse and fine, the 1x1 conv's
+    and BatchNorm's gradients z, bn_silu's x) and writes each input's gradient; fwd_bwd is both.
+    Parameters, statistics and fusion weights (< 0.1% at the spec's shapes) are left out."""
+    ins, out = map_shapes(op, level, batch)
+    size = torch.empty((), dtype=dtype).element_size()
+    nbytes = lambda shape: math.prod(shape) * size  # noqa: E731
+    read = sum(nbytes(s) for s in ins.values())
+    fwd, bwd = read + nbytes(out), nbytes(out) + 2 * read
+    return {"fwd": fwd, "eval": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
 
 
 def compile_mode(device):
@@ -100,12 +133,10 @@ def up2_fuse_case(impl, level, batch, dtype, device, channels_last):
     else:
         fn = lambda c, f, a, b: ops.up2_fuse(c, f, a, b, backend=impl)  # noqa: E731
     inputs = [coarse, fine, w_c, w_f]
-    size = coarse.element_size()
-    fwd_bytes = (coarse.numel() + 2 * fine.numel()) * size
-    # backward: read grad (+ coarse, fine for the weight sums), write both input grads
-    bwd_bytes = (2 * coarse.numel() + 3 * fine.numel()) * size
-    return Case(f"up2_fuse@{level}", impl, _passes(lambda: fn(*inputs), inputs, fine),
-                {"fwd": fwd_bytes, "eval": fwd_bytes, "fwd_bwd": fwd_bytes + bwd_bytes})
+    forward = lambda: fn(*inputs)  # noqa: E731
+    return Case(f"up2_fuse@{level}", impl, _passes(forward, inputs, fine),
+                ideal_bytes("up2_fuse", level, batch, dtype), {"coarse": coarse, "fine": fine},
+                forward)
 
 
 def lateral_up2_fuse_case(impl, level, batch, dtype, device, channels_last):
@@ -132,17 +163,14 @@ def lateral_up2_fuse_case(impl, level, batch, dtype, device, channels_last):
             return ops.lateral_up2_fuse(c, zz, cw, bw, bb, stats[0], stats[1], training,
                                         w_coarse=a, w_fine=b, backend=impl)
     inputs = [coarse, z, conv_w, bn_w, bn_b, w_c, w_f]
-    run = _passes(lambda: fn(*inputs, state["training"]), inputs, coarse.new_empty(
-        (batch, CHANNELS, 2 * h, 2 * w)))
+    forward = lambda: fn(*inputs, state["training"])  # noqa: E731
+    run = _passes(forward, inputs, coarse.new_empty((batch, CHANNELS, 2 * h, 2 * w)))
     train_fwd, train_step = run["fwd"], run["fwd_bwd"]
     evaluate = _in_eval(run["eval"], state)
-    size = coarse.element_size()
-    out_numel = batch * CHANNELS * 4 * h * w
-    fwd_bytes = (coarse.numel() + z.numel() + out_numel) * size
-    bwd_bytes = (2 * coarse.numel() + 2 * z.numel() + out_numel) * size
     return Case(f"lateral_up2_fuse@{level}", impl,
                 {"fwd": train_fwd, "fwd_bwd": train_step, "eval": evaluate},
-                {"fwd": fwd_bytes, "eval": fwd_bytes, "fwd_bwd": fwd_bytes + bwd_bytes})
+                ideal_bytes("lateral_up2_fuse", level, batch, dtype), {"coarse": coarse, "z": z},
+                forward)
 
 
 def bn_silu_case(impl, level, batch, dtype, device, channels_last):
@@ -163,11 +191,11 @@ def bn_silu_case(impl, level, batch, dtype, device, channels_last):
     if impl == "compile":
         fn = _compiled(fn, device)
     inputs = [x, bn_w, bn_b]
-    run = _passes(lambda: fn(*inputs, state["training"]), inputs, x)
-    nbytes = x.numel() * x.element_size()
+    forward = lambda: fn(*inputs, state["training"])  # noqa: E731
+    run = _passes(forward, inputs, x)
     return Case(f"bn_silu@{level}", impl, {"fwd": run["fwd"], "fwd_bwd": run["fwd_bwd"],
                                           "eval": _in_eval(run["eval"], state)},
-                {"fwd": 2 * nbytes, "eval": 2 * nbytes, "fwd_bwd": 5 * nbytes})
+                ideal_bytes("bn_silu", level, batch, dtype), {"x": x}, forward)
 
 
 def impls_for(op, device):

@@ -3,10 +3,12 @@
 Times each glue step of the neck (Up2 + fuse at each level; 1x1 lateral + BN + Up2 + fuse; a
 smooth's BN + SiLU) and the whole neck, forward / forward+backward / eval, for eager PyTorch,
 torch.compile and every fused backend that runs here, side by side in one run. Also times a
-plain device copy of a 1/4 level map, and reports each op's achieved bandwidth as a % of that
-copy's. Writes
-benchmarks/results/<machine>.json (one record per measurement, DESIGN.md section 5), a markdown
-table (.md) and a plot (.png) beside it.
+plain device copy of a 1/4 level map, and reports each op's bandwidth as a % of that copy's:
+on ideal bytes (every map read once, written once: how close the pass is to that bound) and,
+on a GPU, on the bytes the pass moves by design (benchmarks/bandwidth_model.py: the achieved
+bandwidth). Writes benchmarks/results/<machine>.json (one record per measurement, docs/design.md
+section 6), a markdown table (.md) and a plot (.png) beside it. Without a GPU the markdown ends
+with the bandwidth model's GPU prediction, labelled PREDICTED, UNMEASURED.
 
 GPU: CUDA events via triton.testing.do_bench (warm-up, median); speed-ups are ratios of medians.
 CPU: wall clock in interleaved rounds (every implementation of a step once per round) after a
@@ -31,7 +33,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 import torch  # noqa: E402
 
-from . import cases
+from . import bandwidth_model, cases
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -180,6 +182,11 @@ def parse_args(argv):
                    help="CPU: seconds of timing rounds per row group (at least 7 rounds); default: %(default)s")
     p.add_argument("--out", default=None,
                    help="output path without extension (default benchmarks/results/<machine>)")
+    p.add_argument("--no-model", action="store_true",
+                   help="skip benchmarks/bandwidth_model.py: on a GPU, the moved-bytes columns "
+                        "(counted on the CPU: up to a minute for every row); without one, the "
+                        "report's GPU section (the model's prediction for the ops in --ops, "
+                        "labelled PREDICTED, UNMEASURED; about a minute with the neck)")
     return p.parse_args(argv)
 
 
@@ -245,8 +252,11 @@ def main(argv=None):
                       flush=True)
                 records.append(dict(op="copy", backend="torch", **{"pass": "eval"},
                                     dtype=dtype_name, layout=layout, batch=batch,
-                                    median_ms=copy_ms, gbps=copy_gbps, pct_copy_bw=100.0,
-                                    peak_mem_mb=None, speedup_vs_eager=None,
+                                    median_ms=copy_ms, ideal_bytes=copy.bytes["eval"],
+                                    gbps=copy_gbps, pct_copy_bw=100.0,
+                                    moved_bytes=copy.bytes["eval"], moved_gbps=copy_gbps,
+                                    pct_copy_bw_moved=100.0, peak_mem_mb=None,
+                                    speedup_vs_eager=None,
                                     speedup_vs_compile=None, **meta))
                 for op in ops_:
                     impls = cases.impls_for(op, device)
@@ -265,10 +275,17 @@ def main(argv=None):
                                 mem = peak_mem_mb(fns[impl], device)
                                 nbytes = case.bytes[pass_name]
                                 gbps = nbytes / ms / 1e6 if nbytes else None
+                                moved = None if args.no_model else moved_bytes(
+                                    op, impl, level, pass_name, batch, dtype, channels_last,
+                                    device)
+                                moved_gbps = moved / ms / 1e6 if moved else None
                                 rec = dict(op=case.op, backend=impl, **{"pass": pass_name},
                                            dtype=dtype_name, layout=layout, batch=batch,
-                                           median_ms=ms, gbps=gbps,
+                                           median_ms=ms, ideal_bytes=nbytes, gbps=gbps,
                                            pct_copy_bw=100.0 * gbps / copy_gbps if gbps else None,
+                                           moved_bytes=moved, moved_gbps=moved_gbps,
+                                           pct_copy_bw_moved=(100.0 * moved_gbps / copy_gbps
+                                                              if moved_gbps else None),
                                            peak_mem_mb=mem,
                                            speedup_vs_eager=speedup("eager", impl, medians,
                                                                     rounds),
@@ -276,8 +293,11 @@ def main(argv=None):
                                                                       rounds),
                                            **meta)
                                 group.append(rec)
-                                bw = (f"{gbps:8.1f} GB/s ({rec['pct_copy_bw']:5.1f}% copy)"
+                                bw = (f"{gbps:8.1f} GB/s ideal ({rec['pct_copy_bw']:5.1f}% copy)"
                                       if gbps else "")
+                                if moved_gbps:
+                                    bw += (f" {moved_gbps:8.1f} GB/s moved "
+                                           f"({rec['pct_copy_bw_moved']:5.1f}% copy)")
                                 print(f"{tag} {case.op:24s} {pass_name:8s} {impl:8s} "
                                       f"{ms:10.3f} ms {bw} peak {mem:8.1f} MB", flush=True)
                             progress.step(f"{tag} {op}{'@' + level if level else ''} "
@@ -285,32 +305,75 @@ def main(argv=None):
                         del built
                         records.extend(group)
 
+    gpu_section = None
+    if device.type != "cuda" and not args.no_model:
+        print("# the GPU section: bandwidth model (PREDICTED, UNMEASURED) ...", file=sys.stderr,
+              flush=True)
+        gpu_section = gpu_model_section(ops_)
     with open(out_base + ".json", "w") as f:
         json.dump(records, f, indent=1)
+    text = markdown(records, meta, args, gpu_section)
     with open(out_base + ".md", "w") as f:
-        f.write(markdown(records, meta, args))
+        f.write(text)
     plot(records, out_base + ".png", machine)
     print(f"\nwrote {out_base}.json, .md, .png\n")
-    print(markdown(records, meta, args))
+    print(text)
+
+
+def moved_bytes(op, impl, level, pass_name, batch, dtype, channels_last, device):
+    """The bytes a GPU pass moves by design (bandwidth_model.designed_bytes: counted on CPU),
+    for the op rows of eager and the fused GPU backends; None elsewhere (CPU rows, torch.compile,
+    the neck) or if the model cannot count it here."""
+    if device.type != "cuda" or op == "neck" or impl not in ("eager",) + bandwidth_model.BACKENDS:
+        return None
+    try:
+        return bandwidth_model.designed_bytes(op, impl, level, pass_name, batch, dtype,
+                                              channels_last)
+    except Exception as e:  # a model failure must not cost a GPU run its measurements
+        print(f"# bandwidth model: no moved bytes for {op}@{level} {pass_name} {impl}: {e}",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def gpu_model_section(ops_):
+    """The report's GPU section without a GPU: the bandwidth model's goal table for the ops run
+    here (every level; the neck if it ran), every row labelled PREDICTED, UNMEASURED."""
+    m = bandwidth_model
+    rows = m.predict_all([(op, lvl) for op in ops_ if op != "neck" for lvl in cases.LEVELS],
+                         neck="neck" in ops_)
+    sens = saved = None
+    if "neck" in ops_:
+        sens = m.neck_sensitivity()
+        saved = {impl: m.saved_bytes(impl) for impl in ("eager", "triton")}
+    return m.summary_markdown(rows, sens, saved)
 
 
 def _f(v, fmt):
     return "" if v is None else format(v, fmt)
 
 
-def markdown(records, meta, args):
+def markdown(records, meta, args, gpu_section=None):
+    """The measured table; "ideal" columns: ideal bytes (every map read once, written once) /
+    time, and that as a % of the copy's bandwidth (how close the pass is to its read-once bound);
+    "moved" columns (GPU runs): the bytes the pass moves by design / time, the achieved
+    bandwidth. `gpu_section`: the bandwidth model's prediction, appended after the measurements
+    under its own PREDICTED, UNMEASURED heading (runs without a GPU)."""
     lines = [f"# litefpn_kernels benchmark: {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, "
              f"command `python -m benchmarks.run {' '.join(sys.argv[1:])}`".rstrip(), "",
-             "| op | pass | dtype | layout | batch | backend | median ms | GB/s | % copy "
-             "| peak MB | x eager | x compile |",
-             "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "## Measured", "",
+             "| op | pass | dtype | layout | batch | backend | median ms | GB/s ideal "
+             "| % copy ideal | GB/s moved | % copy moved | peak MB | x eager | x compile |",
+             "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         lines.append(
             f"| {r['op']} | {r['pass']} | {r['dtype']} | {r['layout']} | {r['batch']} | "
             f"{r['backend']} | {r['median_ms']:.3f} | {_f(r['gbps'], '.1f')} | "
-            f"{_f(r['pct_copy_bw'], '.1f')} | {_f(r['peak_mem_mb'], '.1f')} | "
+            f"{_f(r['pct_copy_bw'], '.1f')} | {_f(r.get('moved_gbps'), '.1f')} | "
+            f"{_f(r.get('pct_copy_bw_moved'), '.1f')} | {_f(r['peak_mem_mb'], '.1f')} | "
             f"{_f(r['speedup_vs_eager'], '.2f')} | {_f(r['speedup_vs_compile'], '.2f')} |")
+    if gpu_section:
+        lines += ["", gpu_section.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,8 @@
 Layout (mirrors the package): ops/ (every backend vs eager, per op), kernels/<backend>/ (each
 kernel against its contract), nn/ (the module), compile/ (nvcc and Triton AOT checks without a GPU;
 "build" would be skipped by pytest's default norecursedirs),
-integration/ (training parity), gpu/ (the GPU-session harness and its dry run).
+integration/ (training parity), gpu/ (the GPU-session harness and its dry run), benchmarks/ (the
+report's byte accounting and its GPU prediction).
 """
 import os
 

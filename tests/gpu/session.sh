@@ -15,6 +15,8 @@
 # Knobs: MAX_JOBS (build), TEST_ARGS (pytest; default the GPU-marked tests, then the Triton kernel
 # and mixed-layout backward tests again on the GPU; the rest runs in CI),
 # BENCH_ARGS (benchmarks.run, e.g. "--levels 1/4 --dtypes bf16 --ops up2_fuse,lateral_up2_fuse").
+# The report counts each row's moved bytes on the CPU (benchmarks/bandwidth_model.py, up to a
+# minute for the default rows); "--no-model" in BENCH_ARGS skips it.
 set -u
 OUT=${OUT:-/tmp/litefpn_gpu}
 mkdir -p "$OUT"
