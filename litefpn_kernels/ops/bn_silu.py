@@ -123,59 +123,52 @@ def _(x, bn_weight, bn_bias, mean, var, training, bn_eps, backend, group_key):
 
 
 # ----------------------------------------------------------------------------- backward ops
+# Both take BatchNorm folded into (scale, shift) = (gamma*r, beta - mean*gamma*r), with
+# r = 1/sqrt(var + eps), computed once per backward (`_backward`): the kernels' own operands.
 @torch.library.custom_op("litefpn::bn_silu_backward_sums", mutates_args=())
-def _bn_silu_backward_sums_op(grad_out: Tensor, x: Tensor, bn_weight: Tensor, bn_bias: Tensor,
-                              mean: Tensor, var: Tensor, bn_eps: float, backend: str
-                              ) -> Tuple[Tensor, Tensor]:
-    """-> (s1, s2) = (sum dz, sum dz*(x - mean)) per channel, dz = grad_out*silu'(BN(x)): the
-    sums pass of the backward (zeros for an empty batch)."""
-    acc = acc_dtype(x.dtype)
+def _bn_silu_backward_sums_op(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
+                              mean: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """-> (s1, s2) = (sum dz, sum dz*(x - mean)) per channel, dz = grad_out*silu'(BN(x)),
+    BN(x) = x*scale + shift: the sums pass of the backward (zeros for an empty batch). The
+    vectors are [C], contiguous, in the accumulation dtype."""
     if x.numel() == 0:
-        zeros = x.new_zeros((x.shape[1],), dtype=acc)
-        return zeros, zeros.clone()
-    mean, var = mean.to(acc).contiguous(), var.to(acc)
-    scale, shift, _ = _batch_norm.affine(bn_weight, bn_bias, mean, var, bn_eps, acc)
+        return torch.zeros_like(scale), torch.zeros_like(scale)
     return registry.kernels("bn_silu", backend).bwd_sums(grad_out, x, scale, shift, mean)
 
 
 @_bn_silu_backward_sums_op.register_fake
-def _(grad_out, x, bn_weight, bn_bias, mean, var, bn_eps, backend):
+def _(grad_out, x, scale, shift, mean, backend):
     torch._check(grad_out.shape == x.shape, lambda: "grad_out must be shaped like x")
-    _checks.fake_vector("bn_weight", bn_weight, x.shape[1])
-    acc = acc_dtype(x.dtype)
-    return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+    _checks.fake_vector("scale", scale, x.shape[1])
+    return torch.empty_like(scale), torch.empty_like(scale)
 
 
 @torch.library.custom_op("litefpn::bn_silu_backward", mutates_args=())
-def _bn_silu_backward_op(grad_out: Tensor, x: Tensor, bn_weight: Tensor, bn_bias: Tensor,
-                         mean: Tensor, var: Tensor, s1: Tensor, s2: Tensor, count: int,
-                         training: bool, bn_eps: float, backend: str) -> Tensor:
+def _bn_silu_backward_op(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
+                         mean: Tensor, r: Tensor, s1: Tensor, s2: Tensor, count: int,
+                         training: bool, backend: str) -> Tensor:
     """-> grad_x, the grad_x pass. `s1`, `s2` are `bn_silu_backward_sums` over the batch the
     statistics came from (all-reduced over the group when synchronised), `count` its values
     per channel.
 
-    With a = BN(x), dz = grad_out * silu'(a), r = 1/sqrt(var + eps), M = count:
+    With a = BN(x), dz = grad_out * silu'(a), M = count (scale = gamma*r):
     train: grad_x = gamma*r*(dz - s1/M - (x - mean)*r^2*s2/M);  eval: grad_x = gamma*r*dz.
     (d_bias = s1, d_weight = r*s2 over the local batch: `_backward`.)
     """
-    acc = acc_dtype(x.dtype)
     if x.numel() == 0:
         return torch.zeros_like(x)
-    k = registry.kernels("bn_silu", backend)
-    mean, var = mean.to(acc).contiguous(), var.to(acc)
-    scale, shift, r = _batch_norm.affine(bn_weight, bn_bias, mean, var, bn_eps, acc)
     if training:
-        k_x = -scale * r * r * s2 / count
+        k_x = scale * r * r * s2 / -count
         k_0 = -mean * k_x - scale * s1 / count
     else:
         k_x = k_0 = torch.zeros_like(scale)
-    return k.bwd(grad_out, x, scale, shift, scale, k_x.contiguous(), k_0.contiguous())
+    return registry.kernels("bn_silu", backend).bwd(grad_out, x, scale, shift, scale, k_x, k_0)
 
 
 @_bn_silu_backward_op.register_fake
-def _(grad_out, x, bn_weight, bn_bias, mean, var, s1, s2, count, training, bn_eps, backend):
+def _(grad_out, x, scale, shift, mean, r, s1, s2, count, training, backend):
     torch._check(grad_out.shape == x.shape, lambda: "grad_out must be shaped like x")
-    _checks.fake_vector("bn_weight", bn_weight, x.shape[1])
+    _checks.fake_vector("scale", scale, x.shape[1])
     return empty_in_format(x, x.shape)
 
 
@@ -188,18 +181,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-    s1, s2 = _backward_sums_call(grad_out, x, bn_weight, bn_bias, mean, var,
-                                                     ctx.bn_eps, ctx.backend)
+    acc = acc_dtype(x.dtype)
+    mean = mean.to(acc).contiguous()
+    scale, shift, r = _batch_norm.affine(bn_weight, bn_bias, mean, var.to(acc), ctx.bn_eps, acc)
+    s1, s2 = _backward_sums_call(grad_out, x, scale, shift, mean, ctx.backend)
     count, g1, g2 = _batch_norm.count(x), s1, s2
     if ctx.group_key:  # every rank joins, even one whose grad_x is not needed
         count, g1, g2 = _distributed.all_reduce_sums(ctx.group_key, count, s1, s2)
     need = ctx.needs_input_grad
     grad_x = None
     if need[0]:
-        grad_x = _backward_call(grad_out, x, bn_weight, bn_bias, mean, var,
-                                                    g1, g2, count, ctx.training, ctx.bn_eps,
-                                                    ctx.backend)
-    r = torch.rsqrt(var.to(s2.dtype) + ctx.bn_eps)
+        grad_x = _backward_call(grad_out, x, scale, shift, mean, r, g1, g2, count,
+                                ctx.training, ctx.backend)
     return (grad_x, (r * s2).to(bn_weight.dtype) if need[1] else None,
             s1.to(bn_bias.dtype) if need[2] else None, None, None, None, None, None, None)
 

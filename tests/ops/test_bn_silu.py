@@ -187,11 +187,14 @@ def test_opcheck(backend):
         torch.library.opcheck(o.bn_silu.default, (x, kw["bn_weight"], kw["bn_bias"], *stats,
                                                   training, 1e-5, backend, ""))
         g = torch.randn_like(x)
-        args = (g, x.detach(), kw["bn_weight"].detach(), kw["bn_bias"].detach(), *stats)
-        s1, s2 = o.bn_silu_backward_sums(*args, 1e-5, backend)
-        torch.library.opcheck(o.bn_silu_backward_sums.default, args + (1e-5, backend))
+        r = torch.rsqrt(stats[1] + 1e-5)
+        scale = kw["bn_weight"].detach() * r
+        shift = kw["bn_bias"].detach() - stats[0] * scale
+        args = (g, x.detach(), scale, shift, stats[0].contiguous())
+        s1, s2 = o.bn_silu_backward_sums(*args, backend)
+        torch.library.opcheck(o.bn_silu_backward_sums.default, args + (backend,))
         torch.library.opcheck(o.bn_silu_backward.default,
-                              args + (s1, s2, 72, training, 1e-5, backend))
+                              args + (r, s1, s2, 72, training, backend))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -40,8 +40,8 @@ CASES = {
     "up2_fuse-gated": (lambda: _up2(True), (1, 4), (1, 39)),
     "lateral_up2_fuse-train": (lambda: _lateral(True), (2, 39), (3, 112)),
     "lateral_up2_fuse-eval": (lambda: _lateral(False), (1, 18), (3, 101)),
-    "bn_silu-train": (lambda: _bn_silu(True), (2, 23), (2, 37)),
-    "bn_silu-eval": (lambda: _bn_silu(False), (1, 9), (2, 28)),
+    "bn_silu-train": (lambda: _bn_silu(True), (2, 23), (2, 24)),
+    "bn_silu-eval": (lambda: _bn_silu(False), (1, 9), (2, 16)),
 }
 
 
