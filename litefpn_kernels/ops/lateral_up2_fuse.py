@@ -118,7 +118,7 @@ def _fine_factor(n, c, w_coarse, w_fine, gate_fine, eps, acc, device):
         return (torch.ones((n, c), dtype=acc, device=device) if gate_fine is None
                 else gate_fine.to(acc).contiguous())
     beta = fusion_coefs(w_coarse, w_fine, eps, acc)[1]
-    return beta.expand(n, c).contiguous() if gate_fine is None else gate_fine.to(acc) * beta
+    return (beta.expand(n, c) if gate_fine is None else gate_fine.to(acc) * beta).contiguous()
 
 
 # ----------------------------------------------------------------------------- statistics op
@@ -182,66 +182,58 @@ def _(coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, c
 
 
 # ----------------------------------------------------------------------------- backward ops
+# Both take the [C]- and [C, Cin]-sized operands computed once per backward (`_folded`), in the
+# accumulation dtype: W (the 1x1 weight as [C, Cin]), W' = diag(gamma r) W, gamma*r, r, m (the
+# fine factor beta*gate_fine, [N, C]) and zc, the centre of z's sums (mean_z in training, a
+# pilot of z in eval).
 @torch.library.custom_op("litefpn::lateral_up2_fuse_backward_sums", mutates_args=())
 def _lateral_backward_sums_op(
-        grad_out: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
-        stat_mean: Tensor, stat_var: Tensor, mean_z: Tensor, training: bool, bn_eps: float,
-        w_coarse: Optional[Tensor], w_fine: Optional[Tensor], gate_fine: Optional[Tensor],
-        eps: float, need_sums: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        grad_out: Tensor, z: Tensor, weight: Tensor, scaled_w: Tensor, r: Tensor,
+        shift: Tensor, mean_y: Tensor, m: Tensor, zc: Tensor, need_sums: bool, backend: str
+        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (A [C, Cin], s [C], d_gamma [C], sum_fine [N, C] or [0]): the g z^T pass over this
-    rank's batch. With h = m*g the gradient at BN's output (m = beta*gate_fine), zc the centre
-    (mean_z in training, a pilot of z in eval), A = sum_n m_n sum_p g (z - zc)^T and
+    rank's batch. With h = m*g the gradient at BN's output, A = sum_n m_n sum_p g (z - zc)^T and
     s = sum_n m_n sum_p g: d_gamma = r*(rowsum(W o A) + (W zc - mean_y)*s) (= grad_bn_weight),
-    s = grad_bn_bias, sum_fine = sum_p g * BN(conv(z)) per (n, c) for the fusion parameters."""
-    acc = acc_dtype(z.dtype)
-    n, c, c_in = z.shape[0], conv_weight.shape[0], z.shape[1]
+    s = grad_bn_bias, sum_fine = sum_p g * BN(conv(z)) per (n, c) for the fusion parameters
+    (`shift` = beta - mean_y*gamma*r, BN's folded bias; [0] without need_sums)."""
+    n, (c, c_in) = z.shape[0], weight.shape
     if z.numel() == 0:
-        return (z.new_zeros((c, c_in), dtype=acc), z.new_zeros((c,), dtype=acc),
-                z.new_zeros((c,), dtype=acc),
-                z.new_zeros((n, c) if need_sums else (0,), dtype=acc))
-    k = registry.kernels("lateral_up2_fuse", backend)
-    weight, gamma = _weight(conv_weight, acc), bn_weight.to(acc)
-    mean_y, r = stat_mean.to(acc), torch.rsqrt(stat_var.to(acc) + bn_eps)
-    zc = mean_z if training else _batch_norm.pilot(z, acc)
-    m = _fine_factor(n, c, w_coarse, w_fine, gate_fine, eps, acc, z.device)
-    a_n, s_n = k.gram(grad_out, z, None, zc.contiguous())  # [N, C, Cin], [N, C]
-    a_sum = (m[:, :, None] * a_n).sum(0)
+        return (weight.new_zeros((c, c_in)), weight.new_zeros((c,)), weight.new_zeros((c,)),
+                weight.new_zeros((n, c) if need_sums else (0,)))
+    a_n, s_n = registry.kernels("lateral_up2_fuse", backend).gram(grad_out, z, None, zc)
+    a_sum = (m[:, :, None] * a_n).sum(0)  # [N, C, Cin], [N, C] -> [C, Cin]
     s = (m * s_n).sum(0)
     d_gamma = r * ((weight * a_sum).sum(1) + (weight @ zc - mean_y) * s)
     if need_sums:  # sum_p g * BN(conv(z)) = rowsum(W' o A_n) + (W' zc + b') * s_n
-        scaled_w = (gamma * r)[:, None] * weight
-        bias = bn_bias.to(acc) - mean_y * gamma * r
-        sum_fine = (scaled_w * a_n).sum(2) + (scaled_w @ zc + bias) * s_n
+        sum_fine = (scaled_w * a_n).sum(2) + (scaled_w @ zc + shift) * s_n
     else:
-        sum_fine = z.new_empty((0,), dtype=acc)
+        sum_fine = weight.new_empty((0,))
     return a_sum, s, d_gamma, sum_fine
 
 
 @_lateral_backward_sums_op.register_fake
-def _(grad_out, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, training,
-      bn_eps, w_coarse, w_fine, gate_fine, eps, need_sums, backend):
+def _(grad_out, z, weight, scaled_w, r, shift, mean_y, m, zc, need_sums, backend):
     torch._check(grad_out.dim() == 4 and grad_out.shape[0] == z.shape[0]
-                 and grad_out.shape[2] == z.shape[2] and grad_out.shape[3] == z.shape[3],
-                 lambda: "grad_out must be [N, C, 2H, 2W]")
-    acc = acc_dtype(z.dtype)
-    c, c_in = conv_weight.shape[0], z.shape[1]
-    return (z.new_empty((c, c_in), dtype=acc), z.new_empty((c,), dtype=acc),
-            z.new_empty((c,), dtype=acc),
-            z.new_empty((z.shape[0], c) if need_sums else (0,), dtype=acc))
+                 and grad_out.shape[1] == weight.shape[0] and grad_out.shape[2] == z.shape[2]
+                 and grad_out.shape[3] == z.shape[3], lambda: "grad_out must be [N, C, 2H, 2W]")
+    c, c_in = weight.shape
+    return (weight.new_empty((c, c_in)), weight.new_empty((c,)), weight.new_empty((c,)),
+            weight.new_empty((z.shape[0], c) if need_sums else (0,)))
 
 
 @torch.library.custom_op("litefpn::lateral_up2_fuse_backward", mutates_args=())
 def _lateral_up2_fuse_backward_op(
-        grad_out: Tensor, coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: Tensor,
-        stat_var: Tensor, mean_z: Tensor, cov_z: Tensor, delta_z: Tensor, a_sum: Tensor,
-        s: Tensor, s_all: Tensor, d_gamma_all: Tensor, count_all: int, training: bool,
-        bn_eps: float, w_coarse: Optional[Tensor], w_fine: Optional[Tensor],
-        gate_coarse: Optional[Tensor], gate_fine: Optional[Tensor], eps: float, need_sums: bool,
-        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_coarse, grad_z, grad_conv_weight, sum_coarse [N, C] or [0]): the grad_z and
-    grad_coarse passes. `a_sum`, `s` are this rank's sums (`lateral_up2_fuse_backward_sums`);
-    `s_all`, `d_gamma_all`, `count_all` the sums and count over the batch the statistics came
-    from (the group's, all-reduced, when synchronised; else this rank's).
+        grad_out: Tensor, coarse: Tensor, z: Tensor, weight: Tensor, scaled_w: Tensor,
+        gamma_r: Tensor, r: Tensor, m: Tensor, zc: Tensor, cov_z: Tensor, delta_z: Tensor,
+        a_sum: Tensor, s: Tensor, s_all: Tensor, d_gamma_all: Tensor, count_all: int,
+        training: bool, w_coarse: Optional[Tensor], w_fine: Optional[Tensor],
+        gate_coarse: Optional[Tensor], eps: float, need_sums: bool, backend: str
+        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad_coarse, grad_z, grad_W [C, Cin] in the accumulation dtype, sum_coarse [N, C] or
+    [0]): the grad_z and grad_coarse passes. `a_sum`, `s` are this rank's sums
+    (`lateral_up2_fuse_backward_sums`); `s_all`, `d_gamma_all`, `count_all` the sums and count
+    over the batch the statistics came from (the group's, all-reduced, when synchronised; else
+    this rank's). In training zc is mean_z.
 
     With W' = diag(gamma r) W, M = count_all, f = (this rank's count)/M, S1 = delta_z:
       eval:  grad_W = gamma*r*(A + s zc^T),  grad_z = W'^T (m g);
@@ -252,50 +244,41 @@ def _lateral_up2_fuse_backward_op(
              sum grad_y = gamma*r*(s - f*s_all - f*r*d_gamma_all*(W delta_z))
       (the delta_z terms vanish when the batch is this rank's alone: delta_z = 0, f = 1).
     """
-    acc = acc_dtype(z.dtype)
-    c, c_in = conv_weight.shape[:2]
-    n = coarse.shape[0]
+    acc = weight.dtype
     if z.numel() == 0:
-        return (torch.zeros_like(coarse), torch.zeros_like(z), torch.zeros_like(conv_weight),
-                z.new_zeros((n, c) if need_sums else (0,), dtype=acc))
+        return (torch.zeros_like(coarse), torch.zeros_like(z), torch.zeros_like(weight),
+                weight.new_zeros(sum_shape(coarse, need_sums)))
     k = registry.kernels("lateral_up2_fuse", backend)
-    weight, gamma = _weight(conv_weight, acc), bn_weight.to(acc)
-    r = torch.rsqrt(stat_var.to(acc) + bn_eps)
-    scaled_w = (gamma * r)[:, None] * weight  # W'
-    m = _fine_factor(n, c, w_coarse, w_fine, gate_fine, eps, acc, z.device)
     if training:
+        mean_z = zc
         frac = _batch_norm.count(z) / count_all
         grad_w = a_sum - (d_gamma_all * r * frac)[:, None] * (weight @ cov_z)
         if delta_z.numel() > 0:
             grad_w = grad_w - torch.outer(s_all * frac, delta_z)
             local_dy = s - frac * s_all - frac * r * d_gamma_all * (weight @ delta_z)
             grad_w = grad_w + torch.outer(local_dy, mean_z)
-        grad_w = (gamma * r)[:, None] * grad_w
-        quad = weight.t() @ ((gamma * r * r * d_gamma_all / count_all)[:, None] * weight)
+        grad_w = gamma_r[:, None] * grad_w
+        quad = weight.t() @ ((gamma_r * r * d_gamma_all / count_all)[:, None] * weight)
         shift = quad @ mean_z - scaled_w.t() @ s_all / count_all
-        grad_z = k.grad_z(grad_out, z, scaled_w.contiguous(), m.contiguous(),
-                          quad.contiguous(), shift.contiguous())
+        grad_z = k.grad_z(grad_out, z, scaled_w, m, quad.contiguous(), shift.contiguous())
     else:
-        zc = _batch_norm.pilot(z, acc)
-        grad_w = (gamma * r)[:, None] * (a_sum + torch.outer(s, zc))
-        grad_z = k.grad_z(grad_out, z, scaled_w.contiguous(), m.contiguous(), None, None)
+        grad_w = gamma_r[:, None] * (a_sum + torch.outer(s, zc))
+        grad_z = k.grad_z(grad_out, z, scaled_w, m, None, None)
     grad_coarse, sum_coarse = k.bwd_coarse(
         grad_out, coarse, to_acc_contiguous(w_coarse, acc), to_acc_contiguous(w_fine, acc),
         to_acc_contiguous(gate_coarse, acc), float(eps), need_sums)
-    return (grad_coarse, grad_z, like_param(grad_w.reshape(conv_weight.shape), conv_weight),
-            sum_coarse)
+    return grad_coarse, grad_z, grad_w, sum_coarse
 
 
 @_lateral_up2_fuse_backward_op.register_fake
-def _(grad_out, coarse, z, conv_weight, bn_weight, stat_var, mean_z, cov_z, delta_z, a_sum, s,
-      s_all, d_gamma_all, count_all, training, bn_eps, w_coarse, w_fine, gate_coarse, gate_fine,
-      eps, need_sums, backend):
+def _(grad_out, coarse, z, weight, scaled_w, gamma_r, r, m, zc, cov_z, delta_z, a_sum, s, s_all,
+      d_gamma_all, count_all, training, w_coarse, w_fine, gate_coarse, eps, need_sums, backend):
     _checks.fake_up2_pair(coarse, z, same_channels=False)
     torch._check(grad_out.dim() == 4 and grad_out.shape[1] == coarse.shape[1]
                  and grad_out.shape[2] == z.shape[2] and grad_out.shape[3] == z.shape[3],
                  lambda: "grad_out must be [N, C, 2H, 2W]")
-    sums = z.new_empty(sum_shape(coarse, need_sums), dtype=acc_dtype(z.dtype))
-    return torch.empty_like(coarse), torch.empty_like(z), torch.empty_like(conv_weight), sums
+    sums = weight.new_empty(sum_shape(coarse, need_sums))
+    return torch.empty_like(coarse), torch.empty_like(z), torch.empty_like(weight), sums
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -309,27 +292,50 @@ def _setup_context(ctx, inputs, output):
     ctx.group_key = group_key
 
 
+def _folded(z, conv_weight, bn_weight, stat_var, mean_z, training, bn_eps, w_coarse, w_fine,
+            gate_fine, eps):
+    """The small operands both backward passes share, once: (W, W', gamma*r, r, m, zc)."""
+    acc = acc_dtype(z.dtype)
+    n, c = z.shape[0], conv_weight.shape[0]
+    weight = _weight(conv_weight, acc)
+    r = torch.rsqrt(stat_var.to(acc) + bn_eps)
+    gamma_r = bn_weight.to(acc) * r
+    scaled_w = gamma_r[:, None] * weight  # W'
+    m = _fine_factor(n, c, w_coarse, w_fine, gate_fine, eps, acc, z.device)
+    if training:
+        zc = mean_z
+    else:  # an empty batch has no pilot value (and no sums to centre)
+        zc = _batch_norm.pilot(z, acc) if z.numel() else z.new_zeros((z.shape[1],), dtype=acc)
+    return weight.contiguous(), scaled_w, gamma_r, r, m, zc.contiguous()
+
+
 def _backward(ctx, grad_out):
     (coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, cov_z, delta_z,
      w_coarse, w_fine, gate_coarse, gate_fine) = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_params = (need[12], need[13], need[14], need[15])
+    need_sums = any(need_params)
+    weight, scaled_w, gamma_r, r, m, zc = _folded(z, conv_weight, bn_weight, stat_var, mean_z,
+                                                  ctx.training, ctx.bn_eps, w_coarse, w_fine,
+                                                  gate_fine, ctx.eps)
+    mean_y = stat_mean.to(weight.dtype)
+    shift = bn_bias.to(weight.dtype) - mean_y * gamma_r if need_sums else r.new_empty((0,))
     a_sum, s, d_gamma, sum_fine = _backward_sums_call(
-        grad_out, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, ctx.training,
-        ctx.bn_eps, w_coarse, w_fine, gate_fine, ctx.eps, any(need_params), ctx.backend)
+        grad_out, z, weight, scaled_w, r, shift, mean_y, m, zc, need_sums, ctx.backend)
     count, s_all, d_all = _batch_norm.count(z), s, d_gamma
     if ctx.group_key:  # every rank joins, whatever it needs
         count, s_all, d_all = _distributed.all_reduce_sums(ctx.group_key, count, s, d_gamma)
     grad_coarse, grad_z, grad_w, sum_coarse = _backward_call(
-        grad_out, coarse, z, conv_weight, bn_weight, stat_var, mean_z, cov_z, delta_z, a_sum, s,
-        s_all, d_all, count, ctx.training, ctx.bn_eps, w_coarse, w_fine, gate_coarse, gate_fine,
-        ctx.eps, any(need_params), ctx.backend)
+        grad_out, coarse, z, weight, scaled_w, gamma_r, r, m, zc, cov_z, delta_z, a_sum, s,
+        s_all, d_all, count, ctx.training, w_coarse, w_fine, gate_coarse, ctx.eps, need_sums,
+        ctx.backend)
     grad_wc = grad_wf = grad_gc = grad_gf = None
-    if any(need_params):
+    if need_sums:
         grad_wc, grad_wf, grad_gc, grad_gf = fusion_param_grads(
             sum_coarse, sum_fine, w_coarse, w_fine, gate_coarse, gate_fine, ctx.eps, need_params)
     keep = lambda g, i: g if need[i] else None  # noqa: E731
-    return (keep(grad_coarse, 0), keep(grad_z, 1), keep(grad_w, 2),
+    return (keep(grad_coarse, 0), keep(grad_z, 1),
+            keep(like_param(grad_w.reshape(conv_weight.shape), conv_weight), 2),
             keep(d_gamma.to(bn_weight.dtype), 3), keep(s.to(bn_bias.dtype), 4),
             None, None, None, None, None, None, None,
             grad_wc, grad_wf, grad_gc, grad_gf, None, None, None)

@@ -99,7 +99,7 @@ def find_nvcc():
 def nvcc_flags(arch, csrc):
     from torch.utils import cpp_extension
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(csrc)]
-    # the compile test's flags (tests/test_cuda_compile.py nvcc_command), device code only
+    # the compile test's flags (tests/compile/test_cuda_compile.py nvcc_command), device code only
     return [*(f"-I{d}" for d in includes), "-std=c++20", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
             "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
             *cpp_extension.COMMON_NVCC_FLAGS, "-lineinfo", "-Xptxas", "-v",

@@ -6,6 +6,7 @@ chain rule) on float64 PyTorch versions of the kernels (tests/support/contract.p
 in ops.py, a failure only on a real backend is in that backend's kernels.
 """
 import copy
+import importlib
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from litefpn_kernels import eager, ops
 from tests.support.helpers import CPU, TOL, layout
 from tests.support.inputs import lateral_up2_fuse_inputs as make_inputs
+
+# the op's module (litefpn_kernels.ops.lateral_up2_fuse is also the name of its public function)
+lateral_module = importlib.import_module("litefpn_kernels.ops.lateral_up2_fuse")
 
 OP = "lateral_up2_fuse"
 
@@ -225,16 +229,18 @@ def test_opcheck(backend_device):
         torch.library.opcheck(o.lateral_up2_fuse.default, args)
         d = lambda t: None if t is None else t.detach()  # noqa: E731
         g = torch.randn(2, 4, 4, 6, dtype=acc, device=device)
-        sums_args = (g, d(z), d(kw["conv_weight"]), d(kw["bn_weight"]), d(kw["bn_bias"]),
-                     stat_mean, stat_var, mean_z, training, 1e-5, d(kw["w_coarse"]),
-                     d(kw["w_fine"]), d(kw.get("gate_fine")), 1e-4, True, backend)
+        # the backward passes' operands, as the op's backward computes them
+        weight, scaled_w, gamma_r, r, m, zc = lateral_module._folded(
+            d(z), d(kw["conv_weight"]), d(kw["bn_weight"]), stat_var, mean_z, training, 1e-5,
+            d(kw["w_coarse"]), d(kw["w_fine"]), d(kw.get("gate_fine")), 1e-4)
+        shift = d(kw["bn_bias"]) - stat_mean * gamma_r
+        sums_args = (g, d(z), weight, scaled_w, r, shift, stat_mean, m, zc, True, backend)
         torch.library.opcheck(o.lateral_up2_fuse_backward_sums.default, sums_args)
         a_sum, s, d_gamma, _ = o.lateral_up2_fuse_backward_sums(*sums_args)
         torch.library.opcheck(o.lateral_up2_fuse_backward.default, (
-            g, d(coarse), d(z), d(kw["conv_weight"]), d(kw["bn_weight"]), stat_var, mean_z,
-            cov_z, delta, a_sum, s, s, d_gamma, 2 * 4 * 6, training, 1e-5, d(kw["w_coarse"]),
-            d(kw["w_fine"]), d(kw.get("gate_coarse")), d(kw.get("gate_fine")), 1e-4, True,
-            backend))
+            g, d(coarse), d(z), weight, scaled_w, gamma_r, r, m, zc, cov_z, delta, a_sum, s, s,
+            d_gamma, 2 * 4 * 6, training, d(kw["w_coarse"]), d(kw["w_fine"]),
+            d(kw.get("gate_coarse")), 1e-4, True, backend))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
