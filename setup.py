@@ -45,8 +45,18 @@ def _extensions():
                          extra_link_args=["-fopenmp", *release_link])]
 
 
+class _BuildExt(BuildExtension.with_options(no_python_abi_suffix=True)):
+    """Objects always go to build/temp/, editable installs included (setuptools gives those a
+    throw-away directory): ninja then recompiles only what changed, and a wheel built after
+    `make build` reuses its objects and only links (tests/compile/test_wheel.py)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
 setup(
     packages=find_packages(include=["litefpn_kernels", "litefpn_kernels.*"]),
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    cmdclass={"build_ext": _BuildExt},
 )
