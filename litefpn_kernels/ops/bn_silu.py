@@ -158,7 +158,7 @@ def _bn_silu_backward_op(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tens
     if x.numel() == 0:
         return torch.zeros_like(x)
     if training:
-        k_x = scale * r * r * s2 / -count
+        k_x = scale * r * r * s2 / -count  # the sign on the int: one tensor op fewer
         k_0 = -mean * k_x - scale * s1 / count
     else:
         k_x = k_0 = torch.zeros_like(scale)

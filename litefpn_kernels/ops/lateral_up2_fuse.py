@@ -164,8 +164,8 @@ def _lateral_up2_fuse_op(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weig
         return _out_like_z(coarse, z)
     acc = acc_dtype(z.dtype)
     k = registry.kernels("lateral_up2_fuse", backend)
-    scale = bn_weight.to(acc) * torch.rsqrt(stat_var.to(acc) + bn_eps)
-    shift = bn_bias.to(acc) - stat_mean.to(acc) * scale
+    scale, shift, _ = _batch_norm.affine(bn_weight, bn_bias, stat_mean.to(acc), stat_var.to(acc),
+                                         bn_eps, acc)
     return k.fwd(coarse, z, (scale[:, None] * _weight(conv_weight, acc)).contiguous(),
                  shift.contiguous(), to_acc_contiguous(w_coarse, acc),
                  to_acc_contiguous(w_fine, acc), to_acc_contiguous(gate_coarse, acc),
@@ -195,7 +195,7 @@ def _lateral_backward_sums_op(
     rank's batch. With h = m*g the gradient at BN's output, A = sum_n m_n sum_p g (z - zc)^T and
     s = sum_n m_n sum_p g: d_gamma = r*(rowsum(W o A) + (W zc - mean_y)*s) (= grad_bn_weight),
     s = grad_bn_bias, sum_fine = sum_p g * BN(conv(z)) per (n, c) for the fusion parameters
-    (`shift` = beta - mean_y*gamma*r, BN's folded bias; [0] without need_sums)."""
+    (`shift` = beta - mean_y*gamma*r, BN's folded bias)."""
     n, (c, c_in) = z.shape[0], weight.shape
     if z.numel() == 0:
         return (weight.new_zeros((c, c_in)), weight.new_zeros((c,)), weight.new_zeros((c,)),
@@ -292,21 +292,23 @@ def _setup_context(ctx, inputs, output):
     ctx.group_key = group_key
 
 
-def _folded(z, conv_weight, bn_weight, stat_var, mean_z, training, bn_eps, w_coarse, w_fine,
-            gate_fine, eps):
-    """The small operands both backward passes share, once: (W, W', gamma*r, r, m, zc)."""
+def _folded(z, conv_weight, bn_weight, bn_bias, mean_y, stat_var, mean_z, training, bn_eps,
+            w_coarse, w_fine, gate_fine, eps):
+    """The small operands both backward passes share, once: (W, W', gamma*r, BN's folded
+    shift, r, m, zc), BN folded as the forward folds it (`_batch_norm.affine`); mean_y is the
+    statistics' mean in the accumulation dtype."""
     acc = acc_dtype(z.dtype)
     n, c = z.shape[0], conv_weight.shape[0]
     weight = _weight(conv_weight, acc)
-    r = torch.rsqrt(stat_var.to(acc) + bn_eps)
-    gamma_r = bn_weight.to(acc) * r
+    gamma_r, shift, r = _batch_norm.affine(bn_weight, bn_bias, mean_y, stat_var.to(acc), bn_eps,
+                                           acc)
     scaled_w = gamma_r[:, None] * weight  # W'
     m = _fine_factor(n, c, w_coarse, w_fine, gate_fine, eps, acc, z.device)
     if training:
         zc = mean_z
     else:  # an empty batch has no pilot value (and no sums to centre)
         zc = _batch_norm.pilot(z, acc) if z.numel() else z.new_zeros((z.shape[1],), dtype=acc)
-    return weight.contiguous(), scaled_w, gamma_r, r, m, zc.contiguous()
+    return weight.contiguous(), scaled_w, gamma_r, shift, r, m, zc.contiguous()
 
 
 def _backward(ctx, grad_out):
@@ -315,11 +317,10 @@ def _backward(ctx, grad_out):
     need = ctx.needs_input_grad
     need_params = (need[12], need[13], need[14], need[15])
     need_sums = any(need_params)
-    weight, scaled_w, gamma_r, r, m, zc = _folded(z, conv_weight, bn_weight, stat_var, mean_z,
-                                                  ctx.training, ctx.bn_eps, w_coarse, w_fine,
-                                                  gate_fine, ctx.eps)
-    mean_y = stat_mean.to(weight.dtype)
-    shift = bn_bias.to(weight.dtype) - mean_y * gamma_r if need_sums else r.new_empty((0,))
+    mean_y = stat_mean.to(acc_dtype(z.dtype))
+    weight, scaled_w, gamma_r, shift, r, m, zc = _folded(
+        z, conv_weight, bn_weight, bn_bias, mean_y, stat_var, mean_z, ctx.training, ctx.bn_eps,
+        w_coarse, w_fine, gate_fine, ctx.eps)
     a_sum, s, d_gamma, sum_fine = _backward_sums_call(
         grad_out, z, weight, scaled_w, r, shift, mean_y, m, zc, need_sums, ctx.backend)
     count, s_all, d_all = _batch_norm.count(z), s, d_gamma

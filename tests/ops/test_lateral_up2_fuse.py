@@ -230,10 +230,10 @@ def test_opcheck(backend_device):
         d = lambda t: None if t is None else t.detach()  # noqa: E731
         g = torch.randn(2, 4, 4, 6, dtype=acc, device=device)
         # the backward passes' operands, as the op's backward computes them
-        weight, scaled_w, gamma_r, r, m, zc = lateral_module._folded(
-            d(z), d(kw["conv_weight"]), d(kw["bn_weight"]), stat_var, mean_z, training, 1e-5,
-            d(kw["w_coarse"]), d(kw["w_fine"]), d(kw.get("gate_fine")), 1e-4)
-        shift = d(kw["bn_bias"]) - stat_mean * gamma_r
+        weight, scaled_w, gamma_r, shift, r, m, zc = lateral_module._folded(
+            d(z), d(kw["conv_weight"]), d(kw["bn_weight"]), d(kw["bn_bias"]), stat_mean,
+            stat_var, mean_z, training, 1e-5, d(kw["w_coarse"]), d(kw["w_fine"]),
+            d(kw.get("gate_fine")), 1e-4)
         sums_args = (g, d(z), weight, scaled_w, r, shift, stat_mean, m, zc, True, backend)
         torch.library.opcheck(o.lateral_up2_fuse_backward_sums.default, sums_args)
         a_sum, s, d_gamma, _ = o.lateral_up2_fuse_backward_sums(*sums_args)
