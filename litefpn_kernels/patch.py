@@ -168,16 +168,11 @@ class PatchedLiteFPN(LiteFPN):
             super().__init__(**client_config(client), backend=backend)
         self.fpn_channels, self.fusion_type = client.fpn_channels, client.fusion_type
         self.return_pyramid = client.return_pyramid
-        for src, dst, _, _ in _CONVS:
-            cba, ours = client.get_submodule(src), self.get_submodule(dst)
-            ours.conv, ours.bn = cba.conv, cba.bn
-        for src, dst in _FUSES:
-            f, ours = client.get_submodule(src), self.get_submodule(dst)
-            if client.fusion_type == "weighted":
-                ours.weight_a, ours.weight_b = f.weight_a, f.weight_b
-                ours.eps = float(f.epsilon)
-            elif client.fusion_type == "attention":
-                ours.gate.fc1, ours.gate.fc2 = f.fc1, f.fc2
+        for theirs, name, ours, our_name in self._shared_slots(client):
+            setattr(ours, our_name, getattr(theirs, name))
+        if client.fusion_type == "weighted":
+            for src, dst in _FUSES:
+                self.get_submodule(dst).eps = float(client.get_submodule(src).epsilon)
         # the client's key order, for state_dict() (a checkpoint diff then shows no reordering)
         self._client_key_order = {k: i for i, k in enumerate(client.state_dict(keep_vars=True))}
         left = [n for n, t in self.state_dict(keep_vars=True).items() if t.is_meta]
@@ -196,16 +191,23 @@ class PatchedLiteFPN(LiteFPN):
     def write_back(self, client: nn.Module):
         """Put this module's current conv / BN / weight objects into `client` (the same objects
         unless something replaced them since, e.g. a SyncBatchNorm conversion), and its mode."""
-        for src, dst, _, _ in _CONVS:
-            cba, ours = client.get_submodule(src), self.get_submodule(dst)
-            cba.conv, cba.bn = ours.conv, ours.bn
-        for src, dst in _FUSES:
-            f, ours = client.get_submodule(src), self.get_submodule(dst)
-            if self.fusion_type == "weighted":
-                f.weight_a, f.weight_b = ours.weight_a, ours.weight_b
-            elif self.fusion_type == "attention":
-                f.fc1, f.fc2 = ours.gate.fc1, ours.gate.fc2
+        for theirs, name, ours, our_name in self._shared_slots(client):
+            setattr(theirs, name, getattr(ours, our_name))
         client.train(self.training)
+
+    def _shared_slots(self, client: nn.Module):
+        """(client module, attribute, our module, attribute) of every object the two share: each
+        level's conv and BN, and the fusion weights or the attention gate's layers."""
+        for src, dst, _, _ in _CONVS:
+            theirs, ours = client.get_submodule(src), self.get_submodule(dst)
+            yield from ((theirs, "conv", ours, "conv"), (theirs, "bn", ours, "bn"))
+        for src, dst in _FUSES:
+            theirs, ours = client.get_submodule(src), self.get_submodule(dst)
+            if self.fusion_type == "weighted":
+                yield from ((theirs, "weight_a", ours, "weight_a"),
+                            (theirs, "weight_b", ours, "weight_b"))
+            elif self.fusion_type == "attention":
+                yield from ((theirs, "fc1", ours.gate, "fc1"), (theirs, "fc2", ours.gate, "fc2"))
 
     @staticmethod
     def _client_keys(module, state_dict, prefix, local_metadata):

@@ -46,6 +46,16 @@ def backend_device(request):
     return backend, torch.device(device)
 
 
+@pytest.fixture
+def cpu_backend(backend_device):
+    """The backend name of `backend_device`, for tests that build CPU inputs (skipped on other
+    devices)."""
+    name, device = backend_device
+    if device.type != "cpu":
+        pytest.skip("these tests build CPU inputs")
+    return name
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

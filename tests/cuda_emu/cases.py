@@ -7,6 +7,8 @@ returns the kernel launches it caused ("<instantiation>@<blocks>"), for path-cov
 import torch
 import torch.nn.functional as F
 
+from tests.support.layouts import layout  # noqa: F401  (the emulation tests use cases.layout)
+
 F64 = torch.float64
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Output tolerances: those of the CPU / Triton kernel tests (tests/helpers.py TOL for up2_fuse,
@@ -35,27 +37,6 @@ def sum_tol(dtype, count):
 
 # ----------------------------------------------------------------------------- layouts
 KINDS = ("contiguous", "channels_last", "strided", "offset", "channels_last_offset")
-
-
-def layout(t, kind):
-    """t's values in layout `kind`: contiguous, channels_last, "strided" (every other column of
-    a wider buffer, channels permuted: no unit stride), or either dense format at storage offset 1
-    (misaligned for every vector width)."""
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":
-        n, c, h, w = t.shape
-        wide = torch.zeros(n, h, c, 2 * w, dtype=t.dtype)
-        wide[..., ::2] = t.permute(0, 2, 1, 3)
-        return wide.permute(0, 2, 1, 3)[..., ::2]
-    if kind in ("offset", "channels_last_offset"):
-        dense = layout(t, "channels_last" if kind == "channels_last_offset" else "contiguous")
-        buf = torch.empty(dense.numel() + 1, dtype=t.dtype)
-        view = buf[1:].as_strided(dense.shape, dense.stride())
-        view.copy_(dense)
-        assert view.storage_offset() == 1
-        return view
-    return t.contiguous()
 
 
 def fmt_of(t):

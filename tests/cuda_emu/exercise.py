@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.support
 from cuda_emu import cases  # noqa: E402
 
 CL, C, ST, OFF = "channels_last", "contiguous", "strided", "offset"

@@ -15,11 +15,8 @@ OP = "lateral_up2_fuse"
 
 
 @pytest.fixture
-def backend(backend_device):
-    name, device = backend_device
-    if device.type != "cpu":
-        pytest.skip("these tests build CPU inputs")
-    return name
+def backend(cpu_backend):
+    return cpu_backend
 
 
 def _need_bn_silu(backend):

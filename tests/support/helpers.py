@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from litefpn_kernels import backends
+from tests.support.layouts import layout  # noqa: F401  (the tests import it from here too)
 
 CPU = torch.device("cpu")
 
@@ -25,20 +26,6 @@ def need(op, backend, device):
     if reason is not None:
         pytest.skip(reason)
     return device
-
-
-def layout(t, kind):
-    """contiguous, channels_last, or a non-contiguous view with odd strides."""
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":  # every other column of a wider tensor, channels permuted
-        n, c, h, w = t.shape
-        wide = torch.zeros(n, h, c, 2 * w, dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t.permute(0, 2, 1, 3)
-        view = wide.permute(0, 2, 1, 3)[..., ::2]
-        assert torch.equal(view, t) and not view.is_contiguous()
-        return view
-    return t.contiguous()
 
 
 def randomise(module, seed=0):

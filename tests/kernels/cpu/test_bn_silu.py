@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.support.helpers import (CPU_ISAS, assert_checks_pass_with_cpu_isa,
-                                   assert_same_for_thread_counts, need)
+                                   assert_same_for_thread_counts, layout, need)
 
 ops = torch.ops.litefpn
 F64 = torch.float64
@@ -37,23 +37,6 @@ def _cpu_backend():
 
 def acc_of(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def layout(t, kind):
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":
-        n, c, h, w = t.shape
-        wide = torch.zeros(n, h, c, 2 * w, dtype=t.dtype)
-        wide[..., ::2] = t.permute(0, 2, 1, 3)
-        return wide.permute(0, 2, 1, 3)[..., ::2]
-    if kind == "cl_sliced":
-        n, c, h, w = t.shape
-        wide = torch.zeros(n, c, h, 2 * w, dtype=t.dtype).contiguous(
-            memory_format=torch.channels_last)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.contiguous()
 
 
 def grad_like(x, kind, gen):

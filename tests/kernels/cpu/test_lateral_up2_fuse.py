@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.support.contract import grad_z64 as ref_grad_z
 from tests.support.helpers import (CPU_ISAS, assert_checks_pass_with_cpu_isa,
-                                   assert_same_for_thread_counts, need)
+                                   assert_same_for_thread_counts, layout, need)
 
 ops = torch.ops.litefpn
 F64 = torch.float64
@@ -38,19 +38,6 @@ def acc_of(dtype):
 
 def rand(*shape, gen, scale=1.0, shift=0.0):
     return torch.randn(*shape, generator=gen, dtype=F64) * scale + shift
-
-
-def layout(t, kind):
-    """contiguous, channels_last, or "strided": every other column of a wider buffer with the
-    channels permuted (no unit stride at all; tiny tensors may still count as contiguous)."""
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":
-        n, c, h, w = t.shape
-        wide = torch.zeros(n, h, c, 2 * w, dtype=t.dtype)
-        wide[..., ::2] = t.permute(0, 2, 1, 3)
-        return wide.permute(0, 2, 1, 3)[..., ::2]
-    return t.contiguous()
 
 
 def put(t, dtype, kind):
