@@ -139,8 +139,10 @@ std::tuple<Tensor, Tensor> lateral_gram_cpu(const Tensor& a, const Tensor& b,
       const scalar_t* pn = part.data() + n * nch * per_unit;
       for (int64_t i = 0; i < Ca; ++i) {
         for (int64_t j = 0; j < Cb; ++j) {
+          // a's own gram: the kernel leaves tiles below the diagonal unset, read (j, i) there
+          const int64_t at = g.same && j < i ? j * cbp + i : i * cbp + j;
           double s = 0;
-          for (int64_t k = 0; k < nch; ++k) s += pn[k * per_unit + i * cbp + j];
+          for (int64_t k = 0; k < nch; ++k) s += pn[k * per_unit + at];
           gp[(n * Ca + i) * Cb + j] = static_cast<scalar_t>(s);
         }
         double s = 0;

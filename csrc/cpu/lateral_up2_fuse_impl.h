@@ -375,6 +375,10 @@ static void lat_gram(const LatGramArgs& a, int64_t begin, int64_t end, void* scr
           const int mr = static_cast<int>(lat_min(kLatMR, Ca - i0));
           const acc_t* Si = S + i0 * sr;
           for (int64_t j0 = 0; j0 < cbp; j0 += TW) {
+            // a's own gram is symmetric (bitwise: each entry is the same products in the same
+            // order): tiles wholly below the diagonal are skipped, the combination reads them
+            // mirrored (lateral_gram_cpu)
+            if (a.same && j0 + TW <= i0) continue;
             const int nv = static_cast<int>(lat_min(kLatNV, (cbp - j0) / L));
             lat_tile_dispatch(mr, nv, [&](auto MRc, auto NVc) {
               constexpr int MR = decltype(MRc)::value, NV = decltype(NVc)::value;
