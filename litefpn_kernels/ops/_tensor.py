@@ -14,9 +14,14 @@ def acc_dtype(dtype):
 def to_acc_contiguous(t: Optional[Tensor], dtype) -> Optional[Tensor]:
     """Fusion weights and gates reach the kernels contiguous, in the accumulation dtype.
 
-    They are [1] / [N, C] tensors, so this is never a copy of an activation.
+    They are [1] / [N, C] tensors, so this is never a copy of an activation. (Tested first:
+    a no-op .to / .contiguous is still a dispatch, and the glue runs per call.)
     """
-    return None if t is None else t.to(dtype).contiguous()
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def empty_in_format(t, shape):

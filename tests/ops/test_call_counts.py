@@ -36,10 +36,10 @@ def _bn_silu(training):
 #: case -> (make -> (call, its tensors), (kernels, glue) forward, (kernels, glue) backward);
 #: glue: ceilings
 CASES = {
-    "up2_fuse-weighted": (lambda: _up2(False), (1, 2), (1, 25)),
-    "up2_fuse-gated": (lambda: _up2(True), (1, 4), (1, 39)),
-    "lateral_up2_fuse-train": (lambda: _lateral(True), (2, 39), (3, 91)),
-    "lateral_up2_fuse-eval": (lambda: _lateral(False), (1, 18), (3, 78)),
+    "up2_fuse-weighted": (lambda: _up2(False), (1, 0), (1, 23)),
+    "up2_fuse-gated": (lambda: _up2(True), (1, 0), (1, 35)),
+    "lateral_up2_fuse-train": (lambda: _lateral(True), (2, 37), (3, 89)),
+    "lateral_up2_fuse-eval": (lambda: _lateral(False), (1, 16), (3, 76)),
     "bn_silu-train": (lambda: _bn_silu(True), (2, 23), (2, 24)),
     "bn_silu-eval": (lambda: _bn_silu(False), (1, 9), (2, 16)),
 }
