@@ -60,19 +60,25 @@ def _sync(device):
 
 
 def time_ms(fn, device):
-    """Median milliseconds of fn() after one warm-up call."""
+    """Median milliseconds of fn() (`time_side_by_side`: warm-up calls, then rounds)."""
     return time_side_by_side({"fn": fn}, device)[0]["fn"]
 
 
-def time_side_by_side(fns, device, min_rounds=7, budget_s=2.0, max_rounds=50):
-    """({name: median ms}, rounds) of the callables of `fns`, after one warm-up call each.
+def time_side_by_side(fns, device, min_rounds=11, budget_s=2.0, max_rounds=50, warmup=3):
+    """({name: median ms}, rounds) of the callables of `fns`, after `warmup` calls each.
+
+    Why 3 warm-up calls and at least 11 rounds: on the 2-core CI-class VM the first calls of a
+    freshly built case at batch 8 ran 3-10x slower than the rest (first-touch page faults of the
+    32 MB maps, the allocator settling), and single rounds spike as much again; with one warm-up
+    and 7 rounds, whole rows of a full report came out 5x off.
 
     GPU: triton.testing.do_bench (CUDA events) per callable; rounds is None. CPU: wall clock in
     interleaved rounds (a, b, c, a, b, c, ...); rounds is the list of {name: ms} of each round,
     so ratios can be taken within a round, where the slow drifts of a shared machine cancel.
     """
-    for fn in fns.values():
-        fn()
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     _sync(device)
     if device.type == "cuda":
         import triton.testing
@@ -179,7 +185,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2,
                    help="CPU threads (torch.set_num_threads); ignored on GPU; default: %(default)s")
     p.add_argument("--budget", type=float, default=2.0,
-                   help="CPU: seconds of timing rounds per row group (at least 7 rounds); default: %(default)s")
+                   help="CPU: seconds of timing rounds per row group (at least 11 rounds, after 3 warm-up calls); default: %(default)s")
     p.add_argument("--out", default=None,
                    help="output path without extension (default benchmarks/results/<machine>)")
     p.add_argument("--no-model", action="store_true",
