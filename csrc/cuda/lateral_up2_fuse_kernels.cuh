@@ -15,8 +15,9 @@
 //     stages the tile in shared memory, then reads what it needs (coarse taps, bias, gates /
 //     shift) and writes `out` in its memory format, consecutive threads owning consecutive
 //     16-byte groups along whichever of channel / pixel is unit-stride in `out`.
-//   * gram: tile [BM x BM] of sample n over one chunk of kGramChunk pixels; per-chunk partials
-//     are summed in chunk order by a second kernel: bitwise deterministic, no atomics.
+//   * gram: tile [BMA x BMB] of sample n over one chunk of kGramChunk pixels (a's own gram: the
+//     tiles on and above the diagonal, mirrored); per-chunk partials are summed in chunk order
+//     by a second kernel: bitwise deterministic, no atomics.
 // Activations are read through their strides (NCHW, channels_last or anything else), loading
 // along whichever of channel / pixel is unit-stride; nothing is copied to a contiguous layout.
 #pragma once
@@ -418,14 +419,20 @@ struct GramArgs {
   int64_t N = 0, W = 0, HW = 0;
   GramOperand<acc_t> a, b;
   int64_t chunk = 0, nchunks = 0, tiles_a = 0, tiles_b = 0;
+  // a's gram with itself (the moments pass: b is a, same centre): symmetric, so only the tile
+  // pairs on and above the diagonal run (pairs = T(T+1)/2) and each stores its mirror too
+  bool sym = false;
+  int64_t pairs = 0;        // tile pairs per (n, chunk)
   acc_t* gram = nullptr;    // [N][nchunks][Ca][Cb] partials (the result when nchunks == 1)
   acc_t* colsum = nullptr;  // [N][nchunks][Ca]
 };
 
-template <int BM, typename acc_t>
+// The a tile is BMA channels wide, the b tile BMB: a 32-channel b (z at the finest level) gets a
+// 32-wide tile instead of half of a 64-wide one.
+template <int BMA, int BMB, typename acc_t>
 struct GramSmem {
-  alignas(16) acc_t A[kBK][BM + kPad];  // [pixel][channel of a]
-  alignas(16) acc_t B[kBK][BM + kPad];  // [pixel][channel of b]
+  alignas(16) acc_t A[kBK][BMA + kPad];  // [pixel][channel of a]
+  alignas(16) acc_t B[kBK][BMB + kPad];  // [pixel][channel of b]
 };
 
 // S[px][cc] = X[n, c0+cc, p0+px] - center (0 outside the tensor or past p_end).
@@ -463,27 +470,27 @@ LITEFPN_HD void gram_load(const GramOperand<acc_of<scalar_t>>& s, int64_t W, ind
   }
 }
 
-template <int BM, typename acc_t>
-LITEFPN_HD void gram_compute(int ti, int tj, const acc_t (*As)[BM + kPad],
-                             const acc_t (*Bs)[BM + kPad],
-                             acc_t (&acc)[BM / kTile][BM / kTile]) {
-  constexpr int TM = BM / kTile;
+template <int BMA, int BMB, typename acc_t>
+LITEFPN_HD void gram_compute(int ti, int tj, const acc_t (*As)[BMA + kPad],
+                             const acc_t (*Bs)[BMB + kPad],
+                             acc_t (&acc)[BMA / kTile][BMB / kTile]) {
+  constexpr int TM = BMA / kTile, TN = BMB / kTile;
 #pragma unroll
   for (int k = 0; k < kBK; ++k) {
-    acc_t av[TM], bv[TM];
+    acc_t av[TM], bv[TN];
 #pragma unroll
     for (int i = 0; i < TM; ++i) av[i] = As[k][ti * TM + i];
 #pragma unroll
-    for (int j = 0; j < TM; ++j) bv[j] = Bs[k][tj * TM + j];
+    for (int j = 0; j < TN; ++j) bv[j] = Bs[k][tj * TN + j];
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
-      for (int j = 0; j < TM; ++j) acc[i][j] += av[i] * bv[j];
+      for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
   }
 }
 
-// Block blk = ((n*nchunks + chunk)*tiles_a + a tile)*tiles_b + b tile: pixels
-// [p_begin, p_end) of sample n.
+// Block blk = (n*nchunks + chunk)*pairs + pair: pixels [p_begin, p_end) of sample n, a tile ta,
+// b tile tb (pair = ta*tiles_b + tb; symmetric: the pair-th of the (ta, tb >= ta) in row order).
 struct GramBlock {
   int64_t n, chunk, ta, tb, p_begin, p_end;
 };
@@ -491,10 +498,16 @@ struct GramBlock {
 template <typename acc_t>
 LITEFPN_HD GramBlock gram_block_of(const GramArgs<acc_t>& g, int64_t blk) {
   GramBlock b;
-  b.tb = blk % g.tiles_b;
-  int64_t rest = blk / g.tiles_b;
-  b.ta = rest % g.tiles_a;
-  rest /= g.tiles_a;
+  int64_t pair = blk % g.pairs;
+  const int64_t rest = blk / g.pairs;
+  if (g.sym) {  // row ta holds tiles_a - ta pairs (a handful: tiles_a <= C/64 + 1)
+    b.ta = 0;
+    while (pair >= g.tiles_a - b.ta) pair -= g.tiles_a - b.ta++;
+    b.tb = b.ta + pair;
+  } else {
+    b.tb = pair % g.tiles_b;
+    b.ta = pair / g.tiles_b;
+  }
   b.chunk = rest % g.nchunks;
   b.n = rest / g.nchunks;
   b.p_begin = b.chunk * g.chunk;
@@ -502,57 +515,81 @@ LITEFPN_HD GramBlock gram_block_of(const GramArgs<acc_t>& g, int64_t blk) {
   return b;
 }
 
-// Thread tid's gram cells (and, in b tile 0, threads < BM: one colsum entry) of block gb.
-template <int BM, typename acc_t>
-LITEFPN_HD void gram_store(const GramArgs<acc_t>& g, const GramBlock& gb, int tid,
-                           const acc_t (&acc)[BM / kTile][BM / kTile], acc_t cs) {
-  constexpr int TM = BM / kTile;
-  const int ti = tid / kTile, tj = tid % kTile;
-  const int64_t unit = gb.n * g.nchunks + gb.chunk, Ca = g.a.C, Cb = g.b.C;
-#pragma unroll
-  for (int i = 0; i < TM; ++i) {
-    const int64_t r = gb.ta * BM + ti * TM + i;
-#pragma unroll
-    for (int j = 0; j < TM; ++j) {
-      const int64_t c = gb.tb * BM + tj * TM + j;
-      if (r < Ca && c < Cb) g.gram[(unit * Ca + r) * Cb + c] = acc[i][j];
-    }
-  }
-  if (gb.tb == 0 && tid < BM && gb.ta * BM + tid < Ca) g.colsum[unit * Ca + gb.ta * BM + tid] = cs;
+// The block that also sums its a tile's columns: b tile 0, or the diagonal one when symmetric.
+template <typename acc_t>
+LITEFPN_HD bool gram_sums_columns(const GramArgs<acc_t>& g, const GramBlock& gb) {
+  return gb.tb == (g.sym ? gb.ta : 0);
 }
 
-// A block per (n, chunk, a tile, b tile); the blocks of b tile 0 also sum the a tile's columns.
-template <typename scalar_t, typename index_t, int BM>
+// Thread tid's gram cells (and their mirror above the diagonal of a symmetric gram) and, in the
+// column-summing block, threads < BMA: one colsum entry.
+template <int BMA, int BMB, typename acc_t>
+LITEFPN_HD void gram_store(const GramArgs<acc_t>& g, const GramBlock& gb, int tid,
+                           const acc_t (&acc)[BMA / kTile][BMB / kTile], acc_t cs) {
+  constexpr int TM = BMA / kTile, TN = BMB / kTile;
+  const int ti = tid / kTile, tj = tid % kTile;
+  const int64_t unit = gb.n * g.nchunks + gb.chunk, Ca = g.a.C, Cb = g.b.C;
+  const bool mirror = g.sym && gb.tb != gb.ta;
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t r = gb.ta * BMA + ti * TM + i;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int64_t c = gb.tb * BMB + tj * TN + j;
+      if (r < Ca && c < Cb) {
+        g.gram[(unit * Ca + r) * Cb + c] = acc[i][j];
+        // the same products in the same order as cell (c, r) would sum: the same bits
+        if (mirror) g.gram[(unit * Ca + c) * Cb + r] = acc[i][j];
+      }
+    }
+  }
+  if (gram_sums_columns(g, gb) && tid < BMA && gb.ta * BMA + tid < Ca)
+    g.colsum[unit * Ca + gb.ta * BMA + tid] = cs;
+}
+
+// A block per (n, chunk, tile pair); see gram_sums_columns for the column sums. A diagonal tile
+// of a symmetric gram loads a once and uses it for both operands.
+template <typename scalar_t, typename index_t, int BMA, int BMB>
 __global__ void __launch_bounds__(kThreads) gram_kernel(const GramArgs<acc_of<scalar_t>> g) {
   using acc_t = acc_of<scalar_t>;
-  constexpr int TM = BM / kTile;
-  LITEFPN_SHARED(sm, GramSmem<BM, acc_t>);
-  acc_t(*As)[BM + kPad] = sm.A;
-  acc_t(*Bs)[BM + kPad] = sm.B;
+  constexpr int TM = BMA / kTile, TN = BMB / kTile;
+  LITEFPN_SHARED(sm, GramSmem<BMA, BMB, acc_t>);
+  acc_t(*As)[BMA + kPad] = sm.A;
+  acc_t(*Bs)[BMB + kPad] = sm.B;
   const int tid = threadIdx.x, ti = tid / kTile, tj = tid % kTile;
-  const int64_t total = g.N * g.nchunks * g.tiles_a * g.tiles_b;
+  const int64_t total = g.N * g.nchunks * g.pairs;
   for (int64_t blk = blockIdx.x; blk < total; blk += gridDim.x) {  // uniform across the block
     const GramBlock gb = gram_block_of(g, blk);
     const index_t n = static_cast<index_t>(gb.n);
     const index_t p_end = static_cast<index_t>(gb.p_end);
-    acc_t acc[TM][TM];
+    const bool sums = gram_sums_columns(g, gb);
+    const acc_t(*Bt)[BMB + kPad] = Bs;
+    bool load_b = true;
+    if constexpr (BMA == BMB) {
+      if (g.sym && gb.ta == gb.tb) {
+        Bt = As;
+        load_b = false;
+      }
+    }
+    acc_t acc[TM][TN];
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
-      for (int j = 0; j < TM; ++j) acc[i][j] = 0;
+      for (int j = 0; j < TN; ++j) acc[i][j] = 0;
     acc_t cs = 0;
     for (index_t p0 = static_cast<index_t>(gb.p_begin); p0 < p_end; p0 += kBK) {
-      gram_load<BM, scalar_t, index_t>(g.a, g.W, n, static_cast<index_t>(gb.ta * BM), p0, p_end, tid, As);
-      gram_load<BM, scalar_t, index_t>(g.b, g.W, n, static_cast<index_t>(gb.tb * BM), p0, p_end, tid, Bs);
+      gram_load<BMA, scalar_t, index_t>(g.a, g.W, n, static_cast<index_t>(gb.ta * BMA), p0, p_end, tid, As);
+      if (load_b)
+        gram_load<BMB, scalar_t, index_t>(g.b, g.W, n, static_cast<index_t>(gb.tb * BMB), p0, p_end, tid, Bs);
       __syncthreads();
-      if (gb.tb == 0 && tid < BM) {
+      if (sums && tid < BMA) {
 #pragma unroll
         for (int k = 0; k < kBK; ++k) cs += As[k][tid];
       }
-      gram_compute<BM>(ti, tj, As, Bs, acc);
+      gram_compute<BMA, BMB>(ti, tj, As, Bt, acc);
       __syncthreads();  // the next slice overwrites the tiles
     }
-    gram_store<BM>(g, gb, tid, acc, cs);
+    gram_store<BMA, BMB>(g, gb, tid, acc, cs);
   }
 }
 
@@ -571,12 +608,14 @@ GramOperand<acc_t> gram_operand(const Tensor& X, const OptTensor& center) {
   return s;
 }
 
-// Gram arguments without output pointers; BM = 32 when both channel counts fit one such tile.
+// Gram arguments without output pointers and the tile widths: b's is 32 when b has at most 32
+// channels, a's when both have (else 64).
 template <typename acc_t>
 GramArgs<acc_t> plan_gram(const Tensor& a, const Tensor& b, const OptTensor& a_center,
-                          const OptTensor& b_center, int& BM) {
+                          const OptTensor& b_center, int& BMA, int& BMB) {
   const int64_t Ca = a.size(1), Cb = b.size(1);
-  BM = std::max(Ca, Cb) <= 32 ? 32 : 64;
+  BMB = Cb <= 32 ? 32 : 64;
+  BMA = std::max(Ca, Cb) <= 32 ? 32 : 64;
   GramArgs<acc_t> g;
   g.N = a.size(0);
   g.W = a.size(3);
@@ -585,8 +624,12 @@ GramArgs<acc_t> plan_gram(const Tensor& a, const Tensor& b, const OptTensor& a_c
   g.b = gram_operand<acc_t>(b, b_center);
   g.chunk = kGramChunk;
   g.nchunks = ceil_div(g.HW, kGramChunk);
-  g.tiles_a = ceil_div(Ca, BM);
-  g.tiles_b = std::max<int64_t>(ceil_div(Cb, BM), 1);  // b tile 0 also yields colsum
+  g.tiles_a = ceil_div(Ca, BMA);
+  g.tiles_b = std::max<int64_t>(ceil_div(Cb, BMB), 1);  // b tile 0 also yields colsum
+  // the same tensor (data, sizes, strides) with the same centre: a's own gram
+  g.sym = a.const_data_ptr() == b.const_data_ptr() && a.sizes() == b.sizes() &&
+          a.strides() == b.strides() && g.a.center == g.b.center && BMA == BMB;
+  g.pairs = g.sym ? g.tiles_a * (g.tiles_a + 1) / 2 : g.tiles_a * g.tiles_b;
   return g;
 }
 
@@ -697,21 +740,23 @@ std::tuple<Tensor, Tensor> lateral_gram_cuda(const Tensor& a, const Tensor& b,
   const bool use64 = any_needs_int64({&a, &b});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), op, [&] {
     using acc_t = acc_of<scalar_t>;
-    int BM = 64;
-    GramArgs<acc_t> g = plan_gram<acc_t>(a, b, a_center, b_center, BM);
+    int BMA = 64, BMB = 64;
+    GramArgs<acc_t> g = plan_gram<acc_t>(a, b, a_center, b_center, BMA, BMB);
     const int64_t K = g.nchunks;
     // Per-chunk partials, summed in chunk order below; one chunk writes the results directly.
     Tensor gram_part = K > 1 ? at::empty({N * K * Ca * Cb}, opts) : gram;
     Tensor colsum_part = K > 1 ? at::empty({N * K * Ca}, opts) : colsum;
     g.gram = gram_part.mutable_data_ptr<acc_t>();
     g.colsum = colsum_part.mutable_data_ptr<acc_t>();
-    const unsigned int blocks = grid_for(N * K * g.tiles_a * g.tiles_b, 1);
+    const unsigned int blocks = grid_for(N * K * g.pairs, 1);
     dispatch_index(use64, [&](auto index_tag) {
       using index_t = decltype(index_tag);
-      if (BM == 32) {
-        launch<gram_kernel<scalar_t, index_t, 32>>(blocks, kThreads, g);
+      if (BMA == 32) {
+        launch<gram_kernel<scalar_t, index_t, 32, 32>>(blocks, kThreads, g);
+      } else if (BMB == 32) {
+        launch<gram_kernel<scalar_t, index_t, 64, 32>>(blocks, kThreads, g);
       } else {
-        launch<gram_kernel<scalar_t, index_t, 64>>(blocks, kThreads, g);
+        launch<gram_kernel<scalar_t, index_t, 64, 64>>(blocks, kThreads, g);
       }
     });
     if (K > 1) {

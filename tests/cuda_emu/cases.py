@@ -164,14 +164,16 @@ def check_up2_bwd_coarse(shape, dtype, kind, grad_kind=None, weighted=True, gate
 
 
 # ----------------------------------------------------------------------------- lateral
-def check_gram(n, ca, cb, hw, dtype, kinds, centers=True, seed=0):
+def check_gram(n, ca, cb, hw, dtype, kinds, centers=True, seed=0, itself=False):
+    """`itself`: b is a, with a's centre (the moments pass; cb must equal ca): the symmetric path,
+    whose result must also be bitwise symmetric."""
     h, w = hw
     gen = torch.Generator().manual_seed(seed)
     a = rand(n, ca, h, w, gen=gen, dtype=dtype, kind=kinds[0])
-    b = rand(n, cb, h, w, gen=gen, dtype=dtype, kind=kinds[1], shift=0.5)
+    b = a if itself else rand(n, cb, h, w, gen=gen, dtype=dtype, kind=kinds[1], shift=0.5)
     acc = acc_of(dtype)
     ac = torch.randn(ca, generator=gen, dtype=F64).to(acc) if centers else None
-    bc = torch.randn(cb, generator=gen, dtype=F64).to(acc) if centers else None
+    bc = ac if itself else torch.randn(cb, generator=gen, dtype=F64).to(acc) if centers else None
     ops()._launches()
     gram, colsum = ops()._lateral_gram(a, b, ac, bc)
     launches = ops()._launches()
@@ -181,6 +183,8 @@ def check_gram(n, ca, cb, hw, dtype, kinds, centers=True, seed=0):
     assert gram.dtype == acc and gram.shape == (n, ca, cb) and colsum.shape == (n, ca)
     close(gram, torch.einsum("nihw,njhw->nij", a64, b64), sum_tol(dtype, h * w), what + " gram")
     close(colsum, a64.sum((2, 3)), sum_tol(dtype, h * w), what + " colsum")
+    if itself:
+        assert torch.equal(gram, gram.transpose(1, 2)), what + ": a's own gram is not symmetric"
     return launches
 
 

@@ -249,16 +249,23 @@ def test_lateral_gram_paths(emu, dtype, idx64):
     acc = "double" if dtype == F64 else "float"
     emu._force_int64(idx64)
     try:
-        for i, ((n, ca, cb, hw), bm, chunks) in enumerate([
-                ((2, 5, 3, (3, 1)), 32, 1), ((1, 33, 7, (2, 3)), 64, 1),
-                ((1, 7, 70, (1, 2)), 64, 1), ((2, 6, 17, (24, 25)), 32, 2),
-                ((1, 40, 3, (1, 600)), 64, 2)]):
+        # (n, Ca, Cb, (h, w)), (a tile, b tile), chunks, tile pairs per (n, chunk), a's own gram
+        for i, ((n, ca, cb, hw), tiles, chunks, pairs, itself) in enumerate([
+                ((2, 5, 3, (3, 1)), (32, 32), 1, 1, False),
+                ((1, 33, 7, (2, 3)), (64, 32), 1, 1, False),
+                ((1, 7, 70, (1, 2)), (64, 64), 1, 2, False),
+                ((2, 6, 17, (24, 25)), (32, 32), 2, 1, False),
+                ((1, 40, 3, (1, 600)), (64, 32), 2, 1, False),
+                ((1, 130, 40, (2, 3)), (64, 64), 1, 3, False),
+                ((2, 130, 130, (2, 3)), (64, 64), 1, 6, True),    # 3 x 3 tiles: 6 on / above
+                ((1, 70, 70, (24, 25)), (64, 64), 2, 3, True),    # the diagonal
+                ((1, 20, 20, (3, 5)), (32, 32), 1, 1, True)]):
             for kinds in LAYOUT_PAIRS[i % 2::2]:
-                launches = kernels(cases.check_gram(n, ca, cb, hw, dtype, kinds, seed=i))
+                launches = kernels(cases.check_gram(n, ca, cb, hw, dtype, kinds, seed=i,
+                                                    itself=itself))
                 names = list(launches)
-                assert names[0] == kname("gram_kernel", dtype, idx64, bm), (n, ca, cb, hw)
-                tiles = -(-ca // bm) * -(-cb // bm)
-                assert launches[names[0]] == [n * chunks * tiles]
+                assert names[0] == kname("gram_kernel", dtype, idx64, *tiles), (n, ca, cb, hw)
+                assert launches[names[0]] == [n * chunks * pairs]
                 if chunks > 1:  # gram and colsum partials, summed in chunk order
                     assert names[1:] == [f"sum_partials_kernel<{acc}>"]
                     assert len(launches[names[1]]) == 2
