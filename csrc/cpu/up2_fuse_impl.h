@@ -180,7 +180,7 @@ struct RowRing {
   }
   // Pointer to row r; its pixel stride (nhwc) is returned in *ld_out. Not inlined: it runs a
   // few times per output row, and inlining its two loaders into the NHWC backward (as GCC did
-  // once every kernel shared one translation unit per ISA) made that kernel 15-20% slower.
+  // once every kernel shared one translation unit per ISA) made that kernel 10-20% slower.
   __attribute__((noinline)) const acc_t* get(int64_t r, int64_t* ld_out) {
     const scalar_t* src = base + r * row_stride;
     if (direct) {

@@ -173,7 +173,10 @@ def check_gram(n, ca, cb, hw, dtype, kinds, centers=True, seed=0, itself=False):
     b = a if itself else rand(n, cb, h, w, gen=gen, dtype=dtype, kind=kinds[1], shift=0.5)
     acc = acc_of(dtype)
     ac = torch.randn(ca, generator=gen, dtype=F64).to(acc) if centers else None
-    bc = ac if itself else torch.randn(cb, generator=gen, dtype=F64).to(acc) if centers else None
+    if itself:
+        bc = ac
+    else:
+        bc = torch.randn(cb, generator=gen, dtype=F64).to(acc) if centers else None
     ops()._launches()
     gram, colsum = ops()._lateral_gram(a, b, ac, bc)
     launches = ops()._launches()

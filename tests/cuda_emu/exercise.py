@@ -4,8 +4,8 @@ against its float64 contract (cases.py); meant to run under a sanitizer build:
     LD_PRELOAD=<libasan|libtsan> python tests/cuda_emu/exercise.py <lib.so> <group>
 
 Groups: "all" (every kernel instantiation family: up2 fwd/bwd/bwd_coarse plane+nhwc, vector and
-element-wise, int32+int64, sum_partials, gram tiles 32x32/64x32/64x64 multi-chunk and symmetric, channel mix BM 32/64 with one
-or two segments, bn_silu elementwise + sums on both paths, vector and G=1), or the input that triggers one seeded defect ("oob-global", "oob-shared",
+element-wise, int32+int64, sum_partials, gram tiles 32x32/64x32/64x64 multi-chunk and symmetric,
+channel mix BM 32/64 with one or two segments, bn_silu elementwise + sums on both paths, vector and G=1), or the input that triggers one seeded defect ("oob-global", "oob-shared",
 "no-barrier", see build.MUTATIONS). Prints "exercise ok: <n> cases" at the end.
 """
 import sys
@@ -46,7 +46,8 @@ def all_cases():
         yield cases.check_gram, (1, 33, 7, (2, 3), dtype, (CL, ST),)        # tiles 64 x 32
         yield cases.check_gram, (1, 9, 40, (2, 3), dtype, (C, CL),)         # tiles 64 x 64
         yield cases.check_gram, (1, 6, 17, (24, 25), dtype, (C, C),)        # 2 chunks
-        yield cases.check_gram, (1, 130, 130, (2, 3), dtype, (CL, CL), True, 0, True)  # a's own: 6 of 9 pairs
+        # a's own gram (the moments pass): 6 of the 9 tile pairs
+        yield cases.check_gram, (1, 130, 130, (2, 3), dtype, (CL, CL), True, 0, True)
         yield cases.check_lateral_fwd, (1, 20, 70, (3, 5), dtype, (C, CL),)
         yield cases.check_lateral_fwd, (1, 17, 9, (2, 3), dtype, (CL, C),)
         yield cases.check_grad_z, (1, 20, 33, (3, 5), dtype, (C, CL),)      # BM 32, quad

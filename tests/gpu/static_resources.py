@@ -347,7 +347,8 @@ RULES = [
     Rule(r"^gram_kernel<", 0.125,
          "reduction GEMM over pixels, not streaming; fp64 / 64-bit index variants use 120-168 "
          "registers; the symmetric (moments) path and the 64 x 32 tile (F12) cost the 32-bit "
-         "bf16/fp16 variants 45-61 registers (was 32-46)", spill_ok=((r".", "prologue spills (audit F9), not in a streaming kernel"),)),
+         "bf16/fp16 variants 45-61 registers (was 32-46)",
+         spill_ok=((r".", "prologue spills (audit F9), not in a streaming kernel"),)),
     # --- bn_silu (streaming elementwise + per-channel sums)
     Rule(r"^bn_ew_kernel<\w+, i\d+, \d, 1,", 0.5, "G = 1: " + _SCALAR, streaming=True),
     Rule(r"^bn_ew_kernel<", 0.5, "streaming elementwise, 16-byte loads and stores", **_V,
