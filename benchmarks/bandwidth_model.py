@@ -9,11 +9,11 @@ channels_last):
 * **ideal**: every map read once, every output written once (`cases.ideal_bytes`, the bytes the
   report's GB/s and "% copy (ideal)" use).
 * **designed**: what the fused operators move by design, counted, not written down: the op runs
-  (on CPU, backend `cpu`, whose kernels have the same contracts and whose Python glue in
-  litefpn_kernels/ops is the one every backend runs) under `TrafficCounter`, a dispatch mode that
-  logs every kernel it issues (the private `litefpn::_*` kernels and the small aten ops of the
-  BatchNorm / fusion-weight math) with the tensors it reads and writes, each counted once per
-  kernel. Added per GPU backend: the fp32 partial sums its launch plan writes and a second kernel
+  (on CPU, through the CPU kernels, which have the same contracts, inside the passes the GPU
+  backends build around their kernels, litefpn_kernels/ops/_passes.py) under `TrafficCounter`, a
+  dispatch mode that logs every kernel it issues (the private `litefpn::_*` kernels and the
+  small aten ops of the BatchNorm / fusion-weight math) with the tensors it reads and writes,
+  each counted once per kernel. Added per GPU backend: the fp32 partial sums its launch plan writes and a second kernel
   reads back (`scratch`, from the Triton planners themselves and from the CUDA plans in
   csrc/cuda). Not counted: re-reads a kernel's tiling makes of its own inputs (halo rows, the
   bilinear taps, CUDA's two channel tiles of one pixel tile), which the kernels arrange to hit
@@ -42,6 +42,8 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from litefpn_kernels.backends import compiled, registry
 
 from . import cases
 
@@ -373,10 +375,25 @@ def predict_time(kernels, impl, dtype, gpu, compute_fraction=COMPUTE_FRACTION):
 
 
 # ----------------------------------------------------------------------------- the op rows
+#: The backend the fused GPU backends are counted through: the CPU kernels (the same contracts)
+#: inside the passes the GPU backends build around their kernels in PyTorch
+#: (litefpn_kernels/ops/_passes.py). The `cpu` backend's own passes are single C++ calls, which
+#: a dispatch mode cannot look into.
+COUNTED = "cpu_kernels_in_gpu_passes"
+
+
+def _counted_backend():
+    if not registry.has_kernels("lateral_up2_fuse", COUNTED):
+        registry.register_backend(COUNTED, lambda op, device: registry.reason(op, "cpu", device))
+        for op in registry.OPS:
+            registry.register(op, COUNTED)(functools.partial(compiled.kernel_set, op, "CUDA"))
+    return COUNTED
+
+
 def _case(op, impl, level, batch, dtype, channels_last):
-    """The report's case of an op row on CPU; the fused GPU backends are counted through `cpu`
-    (same kernel contracts, same Python glue)."""
-    counted = "cpu" if impl in BACKENDS else impl
+    """The report's case of an op row on CPU; the fused GPU backends are counted through
+    `COUNTED` (same kernel contracts, the GPU backends' passes)."""
+    counted = _counted_backend() if impl in BACKENDS else impl
     if op == "neck":
         return cases.neck_case(counted, batch, dtype, torch.device("cpu"), channels_last)
     return getattr(cases, f"{op}_case")(counted, level, batch, dtype, torch.device("cpu"),
@@ -393,7 +410,7 @@ def kernel_log(op, impl, level, pass_, batch=SPEC["batch"], dtype=SPEC["dtype"],
         if [k.name for k in both[:len(fwd)]] != [k.name for k in fwd]:
             raise RuntimeError(f"{op}: the training step does not start with the forward")
         return both[len(fwd):]
-    counted = "cpu" if impl in BACKENDS else impl
+    counted = _counted_backend() if impl in BACKENDS else impl
     return extrapolate(*_counted_logs(op, counted, level, pass_, dtype, channels_last), batch)
 
 

@@ -1,6 +1,6 @@
 // Schemas of the compiled kernels, in one place. Each device folder registers its kernels with
 // TORCH_LIBRARY_IMPL(litefpn, CPU|CUDA). The public operators (`litefpn::up2_fuse`, ...) are
-// defined in Python (litefpn_kernels/ops.py) with their fake kernels and autograd; they call these
+// defined in Python (litefpn_kernels/ops/) with their fake kernels and autograd; they call these
 // `_*` kernels for the `cpu` and `cuda` backends.
 #include <Python.h>
 #include <torch/library.h>
@@ -36,7 +36,7 @@ TORCH_LIBRARY_FRAGMENT(litefpn, m) {
 }
 
 // Kernels of lateral_up2_fuse (one top-down level: up2_fuse(coarse, BN(conv1x1(z)))). The
-// composition of these into forward / backward, incl. BatchNorm statistics, is in ops.py.
+// composition of these into passes, incl. BatchNorm statistics, is in the passes below.
 TORCH_LIBRARY_FRAGMENT(litefpn, m) {
   // gram[n,i,j] = sum_hw (a[n,i,h,w]-a_center[i]) * (b[n,j,h,w]-b_center[j]),
   // colsum[n,i] = sum_hw (a[n,i,h,w]-a_center[i]). a [N,Ca,H,W], b [N,Cb,H,W], same dtype;
@@ -55,7 +55,7 @@ TORCH_LIBRARY_FRAGMENT(litefpn, m) {
 }
 
 // Kernels of bn_silu: BatchNorm2d + SiLU, y = silu(x*scale + shift) with scale, shift folded
-// from the batch (or running) statistics by the caller (ops.py). x is [N, C, H, W] of float16,
+// from the batch (or running) statistics by the passes (below). x is [N, C, H, W] of float16,
 // bfloat16, float32 or float64; "acc" is float64 for float64 x, else float32; every per-channel
 // vector is a contiguous [C] tensor of the acc dtype, and all arithmetic is in acc. Sums run in a
 // fixed order that depends on the shape only (bitwise the same for any thread count); with
@@ -75,6 +75,53 @@ TORCH_LIBRARY_FRAGMENT(litefpn, m) {
   // grad_x = dz*k_dz[c] + x*k_x[c] + k_0[c], dz as above; grad_x like _bn_silu_fwd's y.
   m.def("_bn_silu_bwd(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor k_dz, "
         "Tensor k_x, Tensor k_0) -> Tensor");
+}
+
+// Passes: one of the kernels above with BatchNorm's [C]- and [C, Cin]-sized math, or the fusion
+// weights' chain rule, around it, so that a pass is one call. CPU: csrc/cpu/passes.cpp; the GPU
+// backends build the same passes in PyTorch (litefpn_kernels/ops/_passes.py). bn_weight /
+// bn_bias / mean / var are [C] in any float dtype; every result vector is in the accumulation
+// dtype. The formulas are derived at the Python ops that call them (litefpn_kernels/ops/).
+TORCH_LIBRARY_FRAGMENT(litefpn, m) {
+  // up2_fuse's backward: -> (grad_coarse, grad_fine, grad_w_coarse, grad_w_fine,
+  // grad_gate_coarse, grad_gate_fine), the last four [0] where not needed.
+  m.def("_up2_fuse_grad(Tensor grad_out, Tensor coarse, Tensor fine, Tensor? w_coarse, "
+        "Tensor? w_fine, Tensor? gate_coarse, Tensor? gate_fine, float eps, bool need_w_coarse, "
+        "bool need_w_fine, bool need_gate_coarse, bool need_gate_fine) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> (mean, biased var) of x per channel; zeros for an empty batch.
+  m.def("_bn_silu_moments(Tensor x) -> (Tensor, Tensor)");
+  // silu(BN(x)) with the statistics mean, var.
+  m.def("_bn_silu_apply(Tensor x, Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, "
+        "float bn_eps) -> Tensor");
+  // -> (s1, s2, grad_bn_weight): sum dz, sum dz*(x - mean), r*s2; dz = grad_out*silu'(BN(x)).
+  m.def("_bn_silu_grad_sums(Tensor grad_out, Tensor x, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor mean, Tensor var, float bn_eps) -> (Tensor, Tensor, Tensor)");
+  // -> grad_x from the sums s1, s2 over `count` values per channel.
+  m.def("_bn_silu_grad_x(Tensor grad_out, Tensor x, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor mean, Tensor var, float bn_eps, Tensor s1, Tensor s2, int count, "
+        "bool training) -> Tensor");
+  // -> (mean_z, biased cov_z, mean_y, biased var_y) of y = conv1x1(z); zeros for an empty batch.
+  m.def("_lateral_moments(Tensor z, Tensor conv_weight) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The fused forward with BN (statistics stat_mean, stat_var) folded into the 1x1 weight.
+  m.def("_lateral_apply(Tensor coarse, Tensor z, Tensor conv_weight, Tensor bn_weight, "
+        "Tensor bn_bias, Tensor stat_mean, Tensor stat_var, float bn_eps, Tensor? w_coarse, "
+        "Tensor? w_fine, Tensor? gate_coarse, Tensor? gate_fine, float eps) -> Tensor");
+  // -> (A, s, d_gamma, sum_fine): the g z^T pass of the backward.
+  m.def("_lateral_grad_sums(Tensor grad_out, Tensor z, Tensor conv_weight, Tensor bn_weight, "
+        "Tensor bn_bias, Tensor stat_mean, Tensor stat_var, Tensor mean_z, bool training, "
+        "float bn_eps, Tensor? w_coarse, Tensor? w_fine, Tensor? gate_fine, float eps, "
+        "bool need_sums) -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_coarse, grad_z, grad_W [C, Cin], grad_w_coarse, grad_w_fine, grad_gate_coarse,
+  // grad_gate_fine): the grad_z and grad_coarse passes and the fusion parameters' gradients
+  // ([0] where not needed); sum_fine from _lateral_grad_sums.
+  m.def("_lateral_grad_inputs(Tensor grad_out, Tensor coarse, Tensor z, Tensor conv_weight, "
+        "Tensor bn_weight, Tensor bn_bias, Tensor stat_mean, Tensor stat_var, Tensor mean_z, "
+        "Tensor cov_z, Tensor delta_z, Tensor a_sum, Tensor s, Tensor s_all, "
+        "Tensor d_gamma_all, Tensor sum_fine, int count_all, bool training, float bn_eps, "
+        "Tensor? w_coarse, Tensor? w_fine, Tensor? gate_coarse, Tensor? gate_fine, float eps, "
+        "bool need_w_coarse, bool need_w_fine, bool need_gate_coarse, bool need_gate_fine) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_FRAGMENT(litefpn, m) {

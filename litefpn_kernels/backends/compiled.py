@@ -5,6 +5,7 @@ A compiled op is available for a dispatch key iff every schema of its kernel set
 for that key; this is settled once, at import (then `resolve` is plain Python over constants,
 which torch.compile traces without a graph break).
 """
+import functools
 import importlib
 import warnings
 
@@ -13,7 +14,8 @@ import torch
 from .registry import (BnSiluKernels, LateralUp2FuseKernels, Up2FuseKernels, register,
                        register_backend)
 
-#: the schemas (torch.ops.litefpn.<name>) each op's kernel set is made of.
+#: the kernels (torch.ops.litefpn.<name>) each op's kernel set runs: an op is available for a
+#: device if all of them are (its passes, csrc/cpu/passes.cpp, run on any device).
 SCHEMAS = {
     "up2_fuse": ("_up2_fuse_fwd", "_up2_fuse_bwd"),
     "lateral_up2_fuse": ("_lateral_gram", "_lateral_up2_fuse_fwd", "_lateral_grad_z",
@@ -111,21 +113,33 @@ register_backend("cpu", _reason_cpu)
 register_backend("cuda", _reason_cuda)
 
 
-def _up2_fuse():
+def _up2_fuse(device_key):
     o = torch.ops.litefpn
-    return Up2FuseKernels(fwd=o._up2_fuse_fwd, bwd=o._up2_fuse_bwd)
+    if device_key == "CPU":  # the backward pass in C++ (csrc/cpu/passes.cpp, CPU only)
+        return Up2FuseKernels(fwd=o._up2_fuse_fwd, grad=o._up2_fuse_grad)
+    from ..ops import _passes
+    return _passes.up2_fuse(fwd=o._up2_fuse_fwd, bwd=o._up2_fuse_bwd)
 
 
-def _lateral_up2_fuse():
+def _lateral_up2_fuse(device_key):
     o = torch.ops.litefpn
-    return LateralUp2FuseKernels(gram=o._lateral_gram, fwd=o._lateral_up2_fuse_fwd,
-                                 grad_z=o._lateral_grad_z, bwd_coarse=o._up2_fuse_bwd_coarse)
+    if device_key == "CPU":  # the passes in C++ (csrc/cpu/passes.cpp, CPU only)
+        return LateralUp2FuseKernels(moments=o._lateral_moments, apply=o._lateral_apply,
+                                     grad_sums=o._lateral_grad_sums,
+                                     grad_inputs=o._lateral_grad_inputs)
+    from ..ops import _passes
+    return _passes.lateral_up2_fuse(gram=o._lateral_gram, fwd=o._lateral_up2_fuse_fwd,
+                                    grad_z=o._lateral_grad_z, bwd_coarse=o._up2_fuse_bwd_coarse)
 
 
-def _bn_silu():
+def _bn_silu(device_key):
     o = torch.ops.litefpn
-    return BnSiluKernels(stats=o._bn_silu_stats, fwd=o._bn_silu_fwd, bwd_sums=o._bn_silu_bwd_sums,
-                         bwd=o._bn_silu_bwd)
+    if device_key == "CPU":
+        return BnSiluKernels(moments=o._bn_silu_moments, apply=o._bn_silu_apply,
+                             grad_sums=o._bn_silu_grad_sums, grad_x=o._bn_silu_grad_x)
+    from ..ops import _passes
+    return _passes.bn_silu(stats=o._bn_silu_stats, fwd=o._bn_silu_fwd,
+                           bwd_sums=o._bn_silu_bwd_sums, bwd=o._bn_silu_bwd)
 
 
 #: ops whose kernels csrc/ implements per backend. An op is registered for a backend if it is
@@ -137,7 +151,16 @@ IMPLEMENTED = {"cpu": ("up2_fuse", "lateral_up2_fuse", "bn_silu"),
                "cuda": ("up2_fuse", "lateral_up2_fuse", "bn_silu")}
 _FACTORIES = {"up2_fuse": _up2_fuse, "lateral_up2_fuse": _lateral_up2_fuse, "bn_silu": _bn_silu}
 
+
+
+def kernel_set(op, device_key):
+    """`op`'s kernel set of the backend of `device_key` ("CPU": the C++ passes; "CUDA": the
+    PyTorch passes around the kernels, which also run on CPU tensors through their CPU kernels:
+    benchmarks/bandwidth_model.py counts the GPU backends' launches that way)."""
+    return _FACTORIES[op](device_key)
+
+
 for _backend, _key in (("cpu", "CPU"), ("cuda", "CUDA")):
     for _op, _factory in _FACTORIES.items():
         if _op in IMPLEMENTED[_backend] or (_op, _key) in COMPILED_FOR:
-            register(_op, _backend)(_factory)
+            register(_op, _backend)(functools.partial(_factory, _key))

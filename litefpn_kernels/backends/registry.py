@@ -18,29 +18,32 @@ OPS = ("up2_fuse", "lateral_up2_fuse", "bn_silu")
 
 @dataclass(frozen=True)
 class Up2FuseKernels:
-    """up2_fuse: fwd(coarse, fine, w_c, w_f, g_c, g_f, eps) -> out;
-    bwd(grad_out, coarse, fine, w_c, w_f, g_c, g_f, eps, need_sums)
-        -> (grad_coarse, grad_fine, sum_coarse, sum_fine)."""
+    """up2_fuse: the kernel `fwd` (contract: csrc/ops.cpp, `_up2_fuse_fwd`) and the backward pass
+    `grad` (`_up2_fuse_grad`: the kernel `_up2_fuse_bwd` and the fusion weights' chain rule;
+    `ops/_passes.py` builds it from a backend's kernels)."""
     fwd: Callable
-    bwd: Callable
+    grad: Callable
 
 
 @dataclass(frozen=True)
 class LateralUp2FuseKernels:
-    """lateral_up2_fuse: gram, fwd, grad_z, and up2_fuse's bwd_coarse (contracts: csrc/ops.cpp)."""
-    gram: Callable
-    fwd: Callable
-    grad_z: Callable
-    bwd_coarse: Callable
+    """lateral_up2_fuse, one entry per pass, each a kernel with BatchNorm's small math around it
+    (contracts: csrc/ops.cpp, "Passes"; `ops/_passes.py` builds them from a backend's kernels
+    `_lateral_gram`, `_lateral_up2_fuse_fwd`, `_lateral_grad_z`, `_up2_fuse_bwd_coarse`)."""
+    moments: Callable
+    apply: Callable
+    grad_sums: Callable
+    grad_inputs: Callable
 
 
 @dataclass(frozen=True)
 class BnSiluKernels:
-    """bn_silu: stats, fwd, bwd_sums, bwd (contracts: csrc/ops.cpp)."""
-    stats: Callable
-    fwd: Callable
-    bwd_sums: Callable
-    bwd: Callable
+    """bn_silu, one entry per pass (contracts: csrc/ops.cpp, "Passes"; `ops/_passes.py` builds
+    them from a backend's kernels `_bn_silu_{stats,fwd,bwd_sums,bwd}`)."""
+    moments: Callable
+    apply: Callable
+    grad_sums: Callable
+    grad_x: Callable
 
 
 KERNEL_SETS = {"up2_fuse": Up2FuseKernels, "lateral_up2_fuse": LateralUp2FuseKernels,

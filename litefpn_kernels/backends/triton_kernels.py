@@ -4,8 +4,7 @@ same entry-point names). Imported lazily, on first use: TRITON_INTERPRET must be
 import importlib.util
 import os
 
-from .registry import (BnSiluKernels, LateralUp2FuseKernels, Up2FuseKernels, register,
-                       register_backend)
+from .registry import register, register_backend
 
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
@@ -31,17 +30,21 @@ register_backend("triton", _reason)
 
 @register("up2_fuse", "triton")
 def _up2_fuse():
+    from ..ops import _passes
     from ..triton import up2_fuse as k
-    return Up2FuseKernels(fwd=k.fwd, bwd=k.bwd)
+    return _passes.up2_fuse(fwd=k.fwd, bwd=k.bwd)
 
 
 @register("lateral_up2_fuse", "triton")
 def _lateral_up2_fuse():
+    from ..ops import _passes
     from ..triton import lateral_up2_fuse as k
-    return LateralUp2FuseKernels(gram=k.gram, fwd=k.fwd, grad_z=k.grad_z, bwd_coarse=k.bwd_coarse)
+    return _passes.lateral_up2_fuse(gram=k.gram, fwd=k.fwd, grad_z=k.grad_z,
+                                    bwd_coarse=k.bwd_coarse)
 
 
 @register("bn_silu", "triton")
 def _bn_silu():
+    from ..ops import _passes
     from ..triton import bn_silu as k
-    return BnSiluKernels(stats=k.stats, fwd=k.fwd, bwd_sums=k.bwd_sums, bwd=k.bwd)
+    return _passes.bn_silu(stats=k.stats, fwd=k.fwd, bwd_sums=k.bwd_sums, bwd=k.bwd)

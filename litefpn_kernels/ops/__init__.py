@@ -13,8 +13,10 @@ device key alone cannot pick between them. The op looks its kernels up in
 the kernels' own schemas and contracts are in csrc/ops.cpp. `eager` is the plain PyTorch
 composition (`litefpn_kernels.eager`), the reference every backend is tested against.
 
-Private modules: `_checks` (argument validation, once per call), `_batch_norm` (moments,
-running statistics, folded affine), `_fusion` (fusion-weight and gate gradients), `_tensor`
+Private modules: `_checks` (argument validation, once per call), `_passes` (a pass of bn_silu or
+lateral_up2_fuse: one kernel with BatchNorm's small math around it, for the GPU backends; the
+`cpu` backend's are C++, csrc/cpu/passes.cpp), `_batch_norm` (pilot value, moments, running
+statistics), `_fusion` (fusion-weight and gate gradients), `_tensor`
 (accumulation dtype, output memory format), `_autograd_support` (clear errors for the autograd
 features the fused kernels lack: forward mode, torch.func transforms, double backward).
 """

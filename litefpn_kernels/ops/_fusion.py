@@ -36,10 +36,13 @@ def fusion_param_grads(sum_coarse, sum_fine, w_coarse, w_fine, gate_coarse, gate
     if w_coarse is not None:
         w, sp, coefs, denom = _softplus_parts(w_coarse, w_fine, eps, acc)  # coefs: alpha, beta
     grad_gc = grad_gf = grad_wc = grad_wf = None
+    # (copies, never views of the sums or of each other: a custom op's outputs may not alias)
     if need_gc:
-        grad_gc = (sum_coarse if coefs is None else coefs[0] * sum_coarse).to(gate_coarse.dtype)
+        grad_gc = (sum_coarse.to(gate_coarse.dtype, copy=True) if coefs is None
+                   else (coefs[0] * sum_coarse).to(gate_coarse.dtype))
     if need_gf:
-        grad_gf = (sum_fine if coefs is None else coefs[1] * sum_fine).to(gate_fine.dtype)
+        grad_gf = (sum_fine.to(gate_fine.dtype, copy=True) if coefs is None
+                   else (coefs[1] * sum_fine).to(gate_fine.dtype))
     if need_wc or need_wf:
         t = torch.stack((sum_coarse if gate_coarse is None else sum_coarse * gate_coarse.to(acc),
                          sum_fine if gate_fine is None else sum_fine * gate_fine.to(acc)))
@@ -47,6 +50,6 @@ def fusion_param_grads(sum_coarse, sum_fine, w_coarse, w_fine, gate_coarse, gate
         d_sp = (t * denom - (t * sp).sum()) / (denom * denom)
         # F.softplus' backward itself (beta 1, threshold 20): eager's gradient, bit for bit
         grad_w = torch.ops.aten.softplus_backward(d_sp, w, 1, 20)
-        grad_wc = grad_w[:1].to(w_coarse.dtype) if need_wc else None
-        grad_wf = grad_w[1:].to(w_fine.dtype) if need_wf else None
+        grad_wc = grad_w[:1].to(w_coarse.dtype, copy=True) if need_wc else None
+        grad_wf = grad_w[1:].to(w_fine.dtype, copy=True) if need_wf else None
     return grad_wc, grad_wf, grad_gc, grad_gf

@@ -24,6 +24,11 @@ def to_acc_contiguous(t: Optional[Tensor], dtype) -> Optional[Tensor]:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def as_dtype(t: Tensor, dtype) -> Tensor:
+    """`t` in `dtype`, without a call when it already is (a no-op .to is still a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def empty_in_format(t, shape):
     """An empty tensor of `shape` with t's dtype and device, channels_last when t is (and not
     also contiguous): the memory format of the C++ kernels' outputs (output_format_of in

@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import backends, eager
 from ..backends import registry
 from . import _autograd_support, _batch_norm, _checks, _dispatch, _distributed
-from ._tensor import acc_dtype, empty_in_format
+from ._tensor import acc_dtype, as_dtype, empty_in_format
 
 
 def bn_silu(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor],
@@ -62,8 +62,7 @@ def bn_silu(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Optiona
                                          _batch_norm.count(x), momentum)
     else:
         mean, var = running_mean, running_var
-    return _bn_silu_call(x, bn_weight, bn_bias, mean, var, training, float(bn_eps),
-                                     name, "")
+    return _bn_silu_call(x, bn_weight, bn_bias, mean, var, training, float(bn_eps), name, "")
 
 
 @torch._dynamo.disable  # collectives: the distributed path runs outside compiled graphs
@@ -72,8 +71,7 @@ def _synced(x, bn_weight, bn_bias, running_mean, running_var, momentum, bn_eps, 
     mean, var = _stats_call(x.detach(), name)
     mean, var, total, _ = _distributed.global_moments(key, _batch_norm.count(x), mean, var)
     _batch_norm.update_running_stats(running_mean, running_var, mean, var, total, momentum)
-    return _bn_silu_call(x, bn_weight, bn_bias, mean, var, True, float(bn_eps),
-                                     name, key)
+    return _bn_silu_call(x, bn_weight, bn_bias, mean, var, True, float(bn_eps), name, key)
 
 
 # ----------------------------------------------------------------------------- statistics op
@@ -82,14 +80,7 @@ def _bn_silu_stats_op(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """-> (mean, biased var) of x per channel ([C], accumulation dtype; zeros for an empty
     batch): the statistics pass, summed around a per-channel pilot value of x."""
     _checks.four_d("x", x)
-    acc = acc_dtype(x.dtype)
-    if x.numel() == 0:
-        zeros = x.new_zeros((x.shape[1],), dtype=acc)
-        return zeros, zeros.clone()
-    k = registry.kernels("bn_silu", backend)
-    center = _batch_norm.pilot(x, acc)
-    s1, s2 = k.stats(x, center)
-    return _batch_norm.centred_moments(s1, s2, center, _batch_norm.count(x))
+    return registry.kernels("bn_silu", backend).moments(x)
 
 
 @_bn_silu_stats_op.register_fake
@@ -110,10 +101,7 @@ def _bn_silu_op(x: Tensor, bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var
     _checks.bn_silu(x, bn_weight, bn_bias, mean, var, training, bn_eps, synced=bool(group_key))
     if x.numel() == 0:
         return empty_in_format(x, x.shape)
-    acc = acc_dtype(x.dtype)
-    scale, shift, _ = _batch_norm.affine(bn_weight, bn_bias, mean.to(acc), var.to(acc), bn_eps,
-                                         acc)
-    return registry.kernels("bn_silu", backend).fwd(x, scale, shift)
+    return registry.kernels("bn_silu", backend).apply(x, bn_weight, bn_bias, mean, var, bn_eps)
 
 
 @_bn_silu_op.register_fake
@@ -123,52 +111,46 @@ def _(x, bn_weight, bn_bias, mean, var, training, bn_eps, backend, group_key):
 
 
 # ----------------------------------------------------------------------------- backward ops
-# Both take BatchNorm folded into (scale, shift) = (gamma*r, beta - mean*gamma*r), with
-# r = 1/sqrt(var + eps), computed once per backward (`_backward`): the kernels' own operands.
+# Both take BatchNorm's parameters and the statistics the forward normalised with, and fold
+# them as the forward did (r = 1/sqrt(var + eps), scale = gamma*r, shift = beta - mean*scale).
 @torch.library.custom_op("litefpn::bn_silu_backward_sums", mutates_args=())
-def _bn_silu_backward_sums_op(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
-                              mean: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """-> (s1, s2) = (sum dz, sum dz*(x - mean)) per channel, dz = grad_out*silu'(BN(x)),
-    BN(x) = x*scale + shift: the sums pass of the backward (zeros for an empty batch). The
-    vectors are [C], contiguous, in the accumulation dtype."""
-    if x.numel() == 0:
-        return torch.zeros_like(scale), torch.zeros_like(scale)
-    return registry.kernels("bn_silu", backend).bwd_sums(grad_out, x, scale, shift, mean)
+def _bn_silu_backward_sums_op(grad_out: Tensor, x: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                              mean: Tensor, var: Tensor, bn_eps: float, backend: str
+                              ) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (s1, s2, grad_bn_weight) = (sum dz, sum dz*(x - mean), r*s2) per channel over this
+    batch, dz = grad_out*silu'(BN(x)): the sums pass of the backward (zeros for an empty batch).
+    [C], contiguous, in the accumulation dtype. (grad_bn_bias = s1.)"""
+    return registry.kernels("bn_silu", backend).grad_sums(grad_out, x, bn_weight, bn_bias, mean,
+                                                          var, bn_eps)
 
 
 @_bn_silu_backward_sums_op.register_fake
-def _(grad_out, x, scale, shift, mean, backend):
+def _(grad_out, x, bn_weight, bn_bias, mean, var, bn_eps, backend):
     torch._check(grad_out.shape == x.shape, lambda: "grad_out must be shaped like x")
-    _checks.fake_vector("scale", scale, x.shape[1])
-    return torch.empty_like(scale), torch.empty_like(scale)
+    _checks.fake_vector("bn_weight", bn_weight, x.shape[1])
+    vec = x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))
+    return vec, torch.empty_like(vec), torch.empty_like(vec)
 
 
 @torch.library.custom_op("litefpn::bn_silu_backward", mutates_args=())
-def _bn_silu_backward_op(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
-                         mean: Tensor, r: Tensor, s1: Tensor, s2: Tensor, count: int,
-                         training: bool, backend: str) -> Tensor:
+def _bn_silu_backward_op(grad_out: Tensor, x: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                         mean: Tensor, var: Tensor, bn_eps: float, s1: Tensor, s2: Tensor,
+                         count: int, training: bool, backend: str) -> Tensor:
     """-> grad_x, the grad_x pass. `s1`, `s2` are `bn_silu_backward_sums` over the batch the
     statistics came from (all-reduced over the group when synchronised), `count` its values
     per channel.
 
-    With a = BN(x), dz = grad_out * silu'(a), M = count (scale = gamma*r):
-    train: grad_x = gamma*r*(dz - s1/M - (x - mean)*r^2*s2/M);  eval: grad_x = gamma*r*dz.
-    (d_bias = s1, d_weight = r*s2 over the local batch: `_backward`.)
+    With a = BN(x), dz = grad_out * silu'(a), M = count, scale = gamma*r:
+    train: grad_x = scale*(dz - s1/M - (x - mean)*r^2*s2/M);  eval: grad_x = scale*dz.
     """
-    if x.numel() == 0:
-        return torch.zeros_like(x)
-    if training:
-        k_x = scale * r * r * s2 / -count  # the sign on the int: one tensor op fewer
-        k_0 = -mean * k_x - scale * s1 / count
-    else:
-        k_x = k_0 = torch.zeros_like(scale)
-    return registry.kernels("bn_silu", backend).bwd(grad_out, x, scale, shift, scale, k_x, k_0)
+    return registry.kernels("bn_silu", backend).grad_x(grad_out, x, bn_weight, bn_bias, mean,
+                                                       var, bn_eps, s1, s2, count, training)
 
 
 @_bn_silu_backward_op.register_fake
-def _(grad_out, x, scale, shift, mean, r, s1, s2, count, training, backend):
+def _(grad_out, x, bn_weight, bn_bias, mean, var, bn_eps, s1, s2, count, training, backend):
     torch._check(grad_out.shape == x.shape, lambda: "grad_out must be shaped like x")
-    _checks.fake_vector("scale", scale, x.shape[1])
+    _checks.fake_vector("bn_weight", bn_weight, x.shape[1])
     return empty_in_format(x, x.shape)
 
 
@@ -181,20 +163,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-    acc = acc_dtype(x.dtype)
-    mean = mean.to(acc).contiguous()
-    scale, shift, r = _batch_norm.affine(bn_weight, bn_bias, mean, var.to(acc), ctx.bn_eps, acc)
-    s1, s2 = _backward_sums_call(grad_out, x, scale, shift, mean, ctx.backend)
+    s1, s2, d_weight = _backward_sums_call(grad_out, x, bn_weight, bn_bias, mean, var,
+                                           ctx.bn_eps, ctx.backend)
     count, g1, g2 = _batch_norm.count(x), s1, s2
     if ctx.group_key:  # every rank joins, even one whose grad_x is not needed
         count, g1, g2 = _distributed.all_reduce_sums(ctx.group_key, count, s1, s2)
     need = ctx.needs_input_grad
     grad_x = None
     if need[0]:
-        grad_x = _backward_call(grad_out, x, scale, shift, mean, r, g1, g2, count,
-                                ctx.training, ctx.backend)
-    return (grad_x, (r * s2).to(bn_weight.dtype) if need[1] else None,
-            s1.to(bn_bias.dtype) if need[2] else None, None, None, None, None, None, None)
+        grad_x = _backward_call(grad_out, x, bn_weight, bn_bias, mean, var, ctx.bn_eps, g1, g2,
+                                count, ctx.training, ctx.backend)
+    return (grad_x, as_dtype(d_weight, bn_weight.dtype) if need[1] else None,
+            as_dtype(s1, bn_bias.dtype) if need[2] else None, None, None, None, None, None,
+            None)
 
 
 _bn_silu_op.register_autograd(_backward, setup_context=_setup_context)

@@ -26,8 +26,7 @@ from .. import backends, eager
 from ..backends import registry
 from ..eager import FUSION_EPS
 from . import _autograd_support, _batch_norm, _checks, _dispatch, _distributed
-from ._fusion import fusion_coefs, fusion_param_grads
-from ._tensor import acc_dtype, empty_in_format, like_param, sum_shape, to_acc_contiguous
+from ._tensor import acc_dtype, as_dtype, empty_in_format, like_param, sum_shape
 
 
 def lateral_up2_fuse(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: Tensor,
@@ -70,9 +69,7 @@ def lateral_up2_fuse(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: 
                        momentum, bn_eps, key, args)
     acc = acc_dtype(z.dtype)
     if training:
-        mean_z, cov_z = _moments_call(z.detach(), name)
-        stat_mean, stat_var = _batch_norm.y_moments(_weight(conv_weight.detach(), acc), mean_z,
-                                                    cov_z)
+        mean_z, cov_z, stat_mean, stat_var = _moments_call(z.detach(), conv_weight.detach(), name)
         _batch_norm.update_running_stats(running_mean, running_var, stat_mean, stat_var,
                                          _batch_norm.count(z), momentum)
     else:
@@ -90,7 +87,7 @@ def _synced(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_va
     The op gets the global mean of z, this rank's second moment of z about it and its offset
     (local mean - global mean): the conv weight's gradient sums over this rank only."""
     acc = acc_dtype(z.dtype)
-    mean_l, cov_l = _moments_call(z.detach(), args[-1])
+    mean_l, cov_l, _, _ = _moments_call(z.detach(), conv_weight.detach(), args[-1])
     mean_z, cov_z, total, delta = _distributed.global_moments(key, _batch_norm.count(z), mean_l,
                                                               cov_l)
     stat_mean, stat_var = _batch_norm.y_moments(_weight(conv_weight.detach(), acc), mean_z, cov_z)
@@ -111,35 +108,24 @@ def _out_like_z(coarse, z):
     return empty_in_format(z, (n, coarse.shape[1], h2, w2))
 
 
-def _fine_factor(n, c, w_coarse, w_fine, gate_fine, eps, acc, device):
-    """m[n, c] = beta*gate_fine, the factor on BN's output in the fused sum ([N, C],
-    contiguous)."""
-    if w_coarse is None:
-        return (torch.ones((n, c), dtype=acc, device=device) if gate_fine is None
-                else gate_fine.to(acc).contiguous())
-    beta = fusion_coefs(w_coarse, w_fine, eps, acc)[1]
-    return (beta.expand(n, c) if gate_fine is None else gate_fine.to(acc) * beta).contiguous()
-
-
 # ----------------------------------------------------------------------------- statistics op
 @torch.library.custom_op("litefpn::lateral_moments", mutates_args=())
-def _lateral_moments_op(z: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """-> (mean_z [Cin], biased cov_z [Cin, Cin]) over (N, H, W) in the accumulation dtype
-    (zeros for an empty batch): the statistics pass (one gram pass around a pilot of z)."""
+def _lateral_moments_op(z: Tensor, conv_weight: Tensor, backend: str
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (mean_z [Cin], biased cov_z [Cin, Cin], mean_y [C], biased var_y [C]) over (N, H, W)
+    in the accumulation dtype (zeros for an empty batch), y = conv1x1(z): the statistics pass
+    (one gram pass around a pilot of z; mean_y = W mean_z, var_y = diag(W cov_z W^T))."""
     _checks.four_d("z", z)
-    acc = acc_dtype(z.dtype)
-    c_in = z.shape[1]
-    if z.numel() == 0:
-        return z.new_zeros((c_in,), dtype=acc), z.new_zeros((c_in, c_in), dtype=acc)
-    return _batch_norm.z_moments(registry.kernels("lateral_up2_fuse", backend).gram, z, acc)
+    return registry.kernels("lateral_up2_fuse", backend).moments(z, conv_weight)
 
 
 @_lateral_moments_op.register_fake
-def _(z, backend):
+def _(z, conv_weight, backend):
     _checks.four_d("z", z)
     acc = acc_dtype(z.dtype)
-    c_in = z.shape[1]
-    return z.new_empty((c_in,), dtype=acc), z.new_empty((c_in, c_in), dtype=acc)
+    c, c_in = conv_weight.shape[0], z.shape[1]
+    return (z.new_empty((c_in,), dtype=acc), z.new_empty((c_in, c_in), dtype=acc),
+            z.new_empty((c,), dtype=acc), z.new_empty((c,), dtype=acc))
 
 
 # ----------------------------------------------------------------------------- forward op
@@ -162,14 +148,9 @@ def _lateral_up2_fuse_op(coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weig
                              eps)
     if z.numel() == 0:
         return _out_like_z(coarse, z)
-    acc = acc_dtype(z.dtype)
-    k = registry.kernels("lateral_up2_fuse", backend)
-    scale, shift, _ = _batch_norm.affine(bn_weight, bn_bias, stat_mean.to(acc), stat_var.to(acc),
-                                         bn_eps, acc)
-    return k.fwd(coarse, z, (scale[:, None] * _weight(conv_weight, acc)).contiguous(),
-                 shift.contiguous(), to_acc_contiguous(w_coarse, acc),
-                 to_acc_contiguous(w_fine, acc), to_acc_contiguous(gate_coarse, acc),
-                 to_acc_contiguous(gate_fine, acc), float(eps))
+    return registry.kernels("lateral_up2_fuse", backend).apply(
+        coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, bn_eps, w_coarse, w_fine,
+        gate_coarse, gate_fine, eps)
 
 
 @_lateral_up2_fuse_op.register_fake
@@ -182,60 +163,56 @@ def _(coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, c
 
 
 # ----------------------------------------------------------------------------- backward ops
-# Both take the [C]- and [C, Cin]-sized operands computed once per backward (`_folded`), in the
-# accumulation dtype: W (the 1x1 weight as [C, Cin]), W' = diag(gamma r) W, gamma*r, r, m (the
-# fine factor beta*gate_fine, [N, C]) and zc, the centre of z's sums (mean_z in training, a
-# pilot of z in eval).
+# Both take BatchNorm's parameters and statistics and fold them as the forward did; with
+# W the 1x1 weight as [C, Cin], r = 1/sqrt(stat_var + eps), W' = diag(gamma r) W, b' = BN's
+# folded bias, m = beta*gate_fine ([N, C], the factor on BN's output in the fused sum) and zc
+# the centre of z's sums (mean_z in training, a pilot of z in eval).
 @torch.library.custom_op("litefpn::lateral_up2_fuse_backward_sums", mutates_args=())
 def _lateral_backward_sums_op(
-        grad_out: Tensor, z: Tensor, weight: Tensor, scaled_w: Tensor, r: Tensor,
-        shift: Tensor, mean_y: Tensor, m: Tensor, zc: Tensor, need_sums: bool, backend: str
-        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        grad_out: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+        stat_mean: Tensor, stat_var: Tensor, mean_z: Tensor, training: bool, bn_eps: float,
+        w_coarse: Optional[Tensor], w_fine: Optional[Tensor], gate_fine: Optional[Tensor],
+        eps: float, need_sums: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (A [C, Cin], s [C], d_gamma [C], sum_fine [N, C] or [0]): the g z^T pass over this
     rank's batch. With h = m*g the gradient at BN's output, A = sum_n m_n sum_p g (z - zc)^T and
     s = sum_n m_n sum_p g: d_gamma = r*(rowsum(W o A) + (W zc - mean_y)*s) (= grad_bn_weight),
-    s = grad_bn_bias, sum_fine = sum_p g * BN(conv(z)) per (n, c) for the fusion parameters
-    (`shift` = beta - mean_y*gamma*r, BN's folded bias)."""
-    n, (c, c_in) = z.shape[0], weight.shape
-    if z.numel() == 0:
-        return (weight.new_zeros((c, c_in)), weight.new_zeros((c,)), weight.new_zeros((c,)),
-                weight.new_zeros((n, c) if need_sums else (0,)))
-    a_n, s_n = registry.kernels("lateral_up2_fuse", backend).gram(grad_out, z, None, zc)
-    a_sum = (m[:, :, None] * a_n).sum(0)  # [N, C, Cin], [N, C] -> [C, Cin]
-    s = (m * s_n).sum(0)
-    d_gamma = r * ((weight * a_sum).sum(1) + (weight @ zc - mean_y) * s)
-    if need_sums:  # sum_p g * BN(conv(z)) = rowsum(W' o A_n) + (W' zc + b') * s_n
-        sum_fine = (scaled_w * a_n).sum(2) + (scaled_w @ zc + shift) * s_n
-    else:
-        sum_fine = weight.new_empty((0,))
-    return a_sum, s, d_gamma, sum_fine
+    s = grad_bn_bias, sum_fine = sum_p g * BN(conv(z)) per (n, c) for the fusion parameters:
+    rowsum(W' o A_n) + (W' zc + b')*s_n."""
+    return registry.kernels("lateral_up2_fuse", backend).grad_sums(
+        grad_out, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, training,
+        bn_eps, w_coarse, w_fine, gate_fine, eps, need_sums)
 
 
 @_lateral_backward_sums_op.register_fake
-def _(grad_out, z, weight, scaled_w, r, shift, mean_y, m, zc, need_sums, backend):
+def _(grad_out, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, training, bn_eps,
+      w_coarse, w_fine, gate_fine, eps, need_sums, backend):
+    c, c_in = conv_weight.shape[0], conv_weight.shape[1]
     torch._check(grad_out.dim() == 4 and grad_out.shape[0] == z.shape[0]
-                 and grad_out.shape[1] == weight.shape[0] and grad_out.shape[2] == z.shape[2]
+                 and grad_out.shape[1] == c and grad_out.shape[2] == z.shape[2]
                  and grad_out.shape[3] == z.shape[3], lambda: "grad_out must be [N, C, 2H, 2W]")
-    c, c_in = weight.shape
-    return (weight.new_empty((c, c_in)), weight.new_empty((c,)), weight.new_empty((c,)),
-            weight.new_empty((z.shape[0], c) if need_sums else (0,)))
+    new = lambda *shape: z.new_empty(shape, dtype=acc_dtype(z.dtype))  # noqa: E731
+    return new(c, c_in), new(c), new(c), new(*((z.shape[0], c) if need_sums else (0,)))
 
 
 @torch.library.custom_op("litefpn::lateral_up2_fuse_backward", mutates_args=())
 def _lateral_up2_fuse_backward_op(
-        grad_out: Tensor, coarse: Tensor, z: Tensor, weight: Tensor, scaled_w: Tensor,
-        gamma_r: Tensor, r: Tensor, m: Tensor, zc: Tensor, cov_z: Tensor, delta_z: Tensor,
-        a_sum: Tensor, s: Tensor, s_all: Tensor, d_gamma_all: Tensor, count_all: int,
-        training: bool, w_coarse: Optional[Tensor], w_fine: Optional[Tensor],
-        gate_coarse: Optional[Tensor], eps: float, need_sums: bool, backend: str
-        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_coarse, grad_z, grad_W [C, Cin] in the accumulation dtype, sum_coarse [N, C] or
-    [0]): the grad_z and grad_coarse passes. `a_sum`, `s` are this rank's sums
+        grad_out: Tensor, coarse: Tensor, z: Tensor, conv_weight: Tensor, bn_weight: Tensor,
+        bn_bias: Tensor, stat_mean: Tensor, stat_var: Tensor, mean_z: Tensor, cov_z: Tensor,
+        delta_z: Tensor, a_sum: Tensor, s: Tensor, s_all: Tensor, d_gamma_all: Tensor,
+        sum_fine: Tensor, count_all: int, training: bool, bn_eps: float,
+        w_coarse: Optional[Tensor], w_fine: Optional[Tensor], gate_coarse: Optional[Tensor],
+        gate_fine: Optional[Tensor], eps: float, need_w_coarse: bool, need_w_fine: bool,
+        need_gate_coarse: bool, need_gate_fine: bool, backend: str
+        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad_coarse, grad_z, grad_W [C, Cin] in the accumulation dtype, grad_w_coarse,
+    grad_w_fine, grad_gate_coarse, grad_gate_fine; each of the last four [0] when not needed):
+    the grad_z and grad_coarse passes, and the fusion parameters' gradients from sum_fine (the
+    sums pass's) and sum_coarse (`fusion_param_grads`). `a_sum`, `s` are this rank's sums
     (`lateral_up2_fuse_backward_sums`); `s_all`, `d_gamma_all`, `count_all` the sums and count
     over the batch the statistics came from (the group's, all-reduced, when synchronised; else
-    this rank's). In training zc is mean_z.
+    this rank's).
 
-    With W' = diag(gamma r) W, M = count_all, f = (this rank's count)/M, S1 = delta_z:
+    With M = count_all, f = (this rank's count)/M, S1 = delta_z:
       eval:  grad_W = gamma*r*(A + s zc^T),  grad_z = W'^T (m g);
       train: grad_z = W'^T (m g) - Q z + (Q mean_z - W'^T s_all / M),
              Q = W^T diag(gamma r^2 d_gamma_all / M) W,
@@ -244,41 +221,30 @@ def _lateral_up2_fuse_backward_op(
              sum grad_y = gamma*r*(s - f*s_all - f*r*d_gamma_all*(W delta_z))
       (the delta_z terms vanish when the batch is this rank's alone: delta_z = 0, f = 1).
     """
-    acc = weight.dtype
-    if z.numel() == 0:
-        return (torch.zeros_like(coarse), torch.zeros_like(z), torch.zeros_like(weight),
-                weight.new_zeros(sum_shape(coarse, need_sums)))
-    k = registry.kernels("lateral_up2_fuse", backend)
-    if training:
-        mean_z = zc
-        frac = _batch_norm.count(z) / count_all
-        grad_w = a_sum - (d_gamma_all * r * frac)[:, None] * (weight @ cov_z)
-        if delta_z.numel() > 0:
-            grad_w = grad_w - torch.outer(s_all * frac, delta_z)
-            local_dy = s - frac * s_all - frac * r * d_gamma_all * (weight @ delta_z)
-            grad_w = grad_w + torch.outer(local_dy, mean_z)
-        grad_w = gamma_r[:, None] * grad_w
-        quad = weight.t() @ ((gamma_r * r * d_gamma_all / count_all)[:, None] * weight)
-        shift = quad @ mean_z - scaled_w.t() @ s_all / count_all
-        grad_z = k.grad_z(grad_out, z, scaled_w, m, quad.contiguous(), shift.contiguous())
-    else:
-        grad_w = gamma_r[:, None] * (a_sum + torch.outer(s, zc))
-        grad_z = k.grad_z(grad_out, z, scaled_w, m, None, None)
-    grad_coarse, sum_coarse = k.bwd_coarse(
-        grad_out, coarse, to_acc_contiguous(w_coarse, acc), to_acc_contiguous(w_fine, acc),
-        to_acc_contiguous(gate_coarse, acc), float(eps), need_sums)
-    return grad_coarse, grad_z, grad_w, sum_coarse
+    return registry.kernels("lateral_up2_fuse", backend).grad_inputs(
+        grad_out, coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, cov_z,
+        delta_z, a_sum, s, s_all, d_gamma_all, sum_fine, count_all, training, bn_eps, w_coarse,
+        w_fine, gate_coarse, gate_fine, eps, need_w_coarse, need_w_fine, need_gate_coarse,
+        need_gate_fine)
 
 
 @_lateral_up2_fuse_backward_op.register_fake
-def _(grad_out, coarse, z, weight, scaled_w, gamma_r, r, m, zc, cov_z, delta_z, a_sum, s, s_all,
-      d_gamma_all, count_all, training, w_coarse, w_fine, gate_coarse, eps, need_sums, backend):
+def _(grad_out, coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, cov_z,
+      delta_z, a_sum, s, s_all, d_gamma_all, sum_fine, count_all, training, bn_eps, w_coarse,
+      w_fine, gate_coarse, gate_fine, eps, need_w_coarse, need_w_fine, need_gate_coarse,
+      need_gate_fine, backend):
     _checks.fake_up2_pair(coarse, z, same_channels=False)
     torch._check(grad_out.dim() == 4 and grad_out.shape[1] == coarse.shape[1]
                  and grad_out.shape[2] == z.shape[2] and grad_out.shape[3] == z.shape[3],
                  lambda: "grad_out must be [N, C, 2H, 2W]")
-    sums = weight.new_empty(sum_shape(coarse, need_sums))
-    return torch.empty_like(coarse), torch.empty_like(z), torch.empty_like(weight), sums
+    acc = acc_dtype(z.dtype)
+    grad_w = z.new_empty((conv_weight.shape[0], conv_weight.shape[1]), dtype=acc)
+
+    def param_grad(need, p):
+        return torch.empty_like(p) if need else z.new_empty((0,), dtype=acc)
+    return (torch.empty_like(coarse), torch.empty_like(z), grad_w,
+            param_grad(need_w_coarse, w_coarse), param_grad(need_w_fine, w_fine),
+            param_grad(need_gate_coarse, gate_coarse), param_grad(need_gate_fine, gate_fine))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -292,54 +258,29 @@ def _setup_context(ctx, inputs, output):
     ctx.group_key = group_key
 
 
-def _folded(z, conv_weight, bn_weight, bn_bias, mean_y, stat_var, mean_z, training, bn_eps,
-            w_coarse, w_fine, gate_fine, eps):
-    """The small operands both backward passes share, once: (W, W', gamma*r, BN's folded
-    shift, r, m, zc), BN folded as the forward folds it (`_batch_norm.affine`); mean_y is the
-    statistics' mean in the accumulation dtype."""
-    acc = acc_dtype(z.dtype)
-    n, c = z.shape[0], conv_weight.shape[0]
-    weight = _weight(conv_weight, acc)
-    gamma_r, shift, r = _batch_norm.affine(bn_weight, bn_bias, mean_y, stat_var.to(acc), bn_eps,
-                                           acc)
-    scaled_w = gamma_r[:, None] * weight  # W'
-    m = _fine_factor(n, c, w_coarse, w_fine, gate_fine, eps, acc, z.device)
-    if training:
-        zc = mean_z
-    else:  # an empty batch has no pilot value (and no sums to centre)
-        zc = _batch_norm.pilot(z, acc) if z.numel() else z.new_zeros((z.shape[1],), dtype=acc)
-    return weight.contiguous(), scaled_w, gamma_r, shift, r, m, zc.contiguous()
-
-
 def _backward(ctx, grad_out):
     (coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, cov_z, delta_z,
      w_coarse, w_fine, gate_coarse, gate_fine) = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_params = (need[12], need[13], need[14], need[15])
     need_sums = any(need_params)
-    mean_y = stat_mean.to(acc_dtype(z.dtype))
-    weight, scaled_w, gamma_r, shift, r, m, zc = _folded(
-        z, conv_weight, bn_weight, bn_bias, mean_y, stat_var, mean_z, ctx.training, ctx.bn_eps,
-        w_coarse, w_fine, gate_fine, ctx.eps)
     a_sum, s, d_gamma, sum_fine = _backward_sums_call(
-        grad_out, z, weight, scaled_w, r, shift, mean_y, m, zc, need_sums, ctx.backend)
+        grad_out, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, ctx.training,
+        ctx.bn_eps, w_coarse, w_fine, gate_fine, ctx.eps, need_sums, ctx.backend)
     count, s_all, d_all = _batch_norm.count(z), s, d_gamma
     if ctx.group_key:  # every rank joins, whatever it needs
         count, s_all, d_all = _distributed.all_reduce_sums(ctx.group_key, count, s, d_gamma)
-    grad_coarse, grad_z, grad_w, sum_coarse = _backward_call(
-        grad_out, coarse, z, weight, scaled_w, gamma_r, r, m, zc, cov_z, delta_z, a_sum, s,
-        s_all, d_all, count, ctx.training, w_coarse, w_fine, gate_coarse, ctx.eps, need_sums,
-        ctx.backend)
-    grad_wc = grad_wf = grad_gc = grad_gf = None
-    if need_sums:
-        grad_wc, grad_wf, grad_gc, grad_gf = fusion_param_grads(
-            sum_coarse, sum_fine, w_coarse, w_fine, gate_coarse, gate_fine, ctx.eps, need_params)
+    grads = _backward_call(
+        grad_out, coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z, cov_z,
+        delta_z, a_sum, s, s_all, d_all, sum_fine, count, ctx.training, ctx.bn_eps, w_coarse,
+        w_fine, gate_coarse, gate_fine, ctx.eps, *need_params, ctx.backend)
+    grad_coarse, grad_z, grad_w = grads[:3]
     keep = lambda g, i: g if need[i] else None  # noqa: E731
     return (keep(grad_coarse, 0), keep(grad_z, 1),
             keep(like_param(grad_w.reshape(conv_weight.shape), conv_weight), 2),
-            keep(d_gamma.to(bn_weight.dtype), 3), keep(s.to(bn_bias.dtype), 4),
+            keep(as_dtype(d_gamma, bn_weight.dtype), 3), keep(as_dtype(s, bn_bias.dtype), 4),
             None, None, None, None, None, None, None,
-            grad_wc, grad_wf, grad_gc, grad_gf, None, None, None)
+            *(keep(g, i) for i, g in zip(range(12, 16), grads[3:])), None, None, None)
 
 
 _lateral_up2_fuse_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,7 +1,8 @@
 """up2_fuse: ``alpha*gate_coarse*Up2(coarse) + beta*gate_fine*fine`` in one pass over memory.
 
 Order: public function -> custom op + checking fake -> backward op + checking fake -> autograd.
-Kernel contracts (`_up2_fuse_fwd`, `_up2_fuse_bwd`): csrc/ops.cpp; kernel sets: backends/.
+Kernel contracts (`_up2_fuse_fwd`, `_up2_fuse_bwd`, and the backward pass `_up2_fuse_grad`):
+csrc/ops.cpp; kernel sets: backends/.
 """
 from typing import Optional, Tuple
 
@@ -12,8 +13,7 @@ from .. import backends, eager
 from ..backends import registry
 from ..eager import FUSION_EPS
 from . import _autograd_support, _checks, _dispatch
-from ._fusion import fusion_param_grads
-from ._tensor import acc_dtype, sum_shape, to_acc_contiguous
+from ._tensor import acc_dtype, to_acc_contiguous
 
 
 def up2_fuse(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor] = None,
@@ -40,8 +40,8 @@ def up2_fuse(coarse: Tensor, fine: Tensor, w_coarse: Optional[Tensor] = None,
     if name == "eager":
         _checks.up2_fuse(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps)
         return eager.up2_fuse(coarse, fine, w_coarse, w_fine, eps, gate_coarse, gate_fine)
-    return _up2_fuse_call(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine,
-                                      float(eps), name)
+    return _up2_fuse_call(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, float(eps),
+                          name)
 
 
 # ----------------------------------------------------------------------------- forward op
@@ -70,26 +70,28 @@ def _(coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, backend):
 def _up2_fuse_backward_op(grad_out: Tensor, coarse: Tensor, fine: Tensor,
                           w_coarse: Optional[Tensor], w_fine: Optional[Tensor],
                           gate_coarse: Optional[Tensor], gate_fine: Optional[Tensor],
-                          eps: float, need_sums: bool, backend: str
-                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_coarse, grad_fine, sum_coarse, sum_fine); the sums ([N, C], or [0] without
-    need_sums) feed `fusion_param_grads`."""
-    acc = acc_dtype(fine.dtype)
-    if fine.numel() == 0:
-        sums = torch.zeros(sum_shape(coarse, need_sums), dtype=acc, device=fine.device)
-        return torch.zeros_like(coarse), torch.zeros_like(fine), sums, sums.clone()
-    k = registry.kernels("up2_fuse", backend)
-    return k.bwd(grad_out, coarse, fine, to_acc_contiguous(w_coarse, acc),
-                 to_acc_contiguous(w_fine, acc), to_acc_contiguous(gate_coarse, acc),
-                 to_acc_contiguous(gate_fine, acc), float(eps), need_sums)
+                          eps: float, need_w_coarse: bool, need_w_fine: bool,
+                          need_gate_coarse: bool, need_gate_fine: bool, backend: str
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad_coarse, grad_fine, grad_w_coarse, grad_w_fine, grad_gate_coarse,
+    grad_gate_fine), each of the last four [0] when not needed: the kernel's per-(n, c) sums
+    through `fusion_param_grads` (in the same pass)."""
+    return registry.kernels("up2_fuse", backend).grad(
+        grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, need_w_coarse,
+        need_w_fine, need_gate_coarse, need_gate_fine)
 
 
 @_up2_fuse_backward_op.register_fake
-def _(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, need_sums, backend):
+def _(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, eps, need_w_coarse,
+      need_w_fine, need_gate_coarse, need_gate_fine, backend):
     _checks.fake_up2_pair(coarse, fine)
     torch._check(grad_out.shape == fine.shape, lambda: "grad_out must be shaped like fine")
-    sums = fine.new_empty(sum_shape(coarse, need_sums), dtype=acc_dtype(fine.dtype))
-    return torch.empty_like(coarse), torch.empty_like(fine), sums, torch.empty_like(sums)
+
+    def param_grad(need, p):
+        return torch.empty_like(p) if need else fine.new_empty((0,), dtype=acc_dtype(fine.dtype))
+    return (torch.empty_like(coarse), torch.empty_like(fine),
+            param_grad(need_w_coarse, w_coarse), param_grad(need_w_fine, w_fine),
+            param_grad(need_gate_coarse, gate_coarse), param_grad(need_gate_fine, gate_fine))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -102,16 +104,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine = ctx.saved_tensors
     need = ctx.needs_input_grad
-    need_params = tuple(need[2:6])
-    grad_coarse, grad_fine, sum_coarse, sum_fine = _backward_call(
-        grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine, ctx.eps,
-        any(need_params), ctx.backend)
-    grad_wc = grad_wf = grad_gc = grad_gf = None
-    if any(need_params):
-        grad_wc, grad_wf, grad_gc, grad_gf = fusion_param_grads(
-            sum_coarse, sum_fine, w_coarse, w_fine, gate_coarse, gate_fine, ctx.eps, need_params)
-    return (grad_coarse if need[0] else None, grad_fine if need[1] else None,
-            grad_wc, grad_wf, grad_gc, grad_gf, None, None)
+    grads = _backward_call(grad_out, coarse, fine, w_coarse, w_fine, gate_coarse, gate_fine,
+                           ctx.eps, *need[2:6], ctx.backend)
+    return tuple(g if n else None for g, n in zip(grads, need[:6])) + (None, None)
 
 
 _up2_fuse_op.register_autograd(_backward, setup_context=_setup_context)

@@ -213,12 +213,11 @@ def test_opcheck(backend_device):
         coarse, z, kw = make_inputs((2, 3, 4, 2, 3), torch.float64, device, kind, gates=gates,
                                     requires_grad=True)
         o = torch.ops.litefpn
-        torch.library.opcheck(o.lateral_moments.default, (z.detach(), backend))
+        cw = kw["conv_weight"].detach()
+        torch.library.opcheck(o.lateral_moments.default, (z.detach(), cw, backend))
         acc = z.dtype
         if training:
-            mean_z, cov_z = o.lateral_moments(z.detach(), backend)
-            w = kw["conv_weight"].detach()[:, :, 0, 0]
-            stat_mean, stat_var = w @ mean_z, ((w @ cov_z) * w).sum(1)
+            mean_z, cov_z, stat_mean, stat_var = o.lateral_moments(z.detach(), cw, backend)
         else:
             mean_z, cov_z = z.new_empty((0,), dtype=acc), z.new_empty((0, 0), dtype=acc)
             stat_mean, stat_var = kw["running_mean"], kw["running_var"]
@@ -229,18 +228,17 @@ def test_opcheck(backend_device):
         torch.library.opcheck(o.lateral_up2_fuse.default, args)
         d = lambda t: None if t is None else t.detach()  # noqa: E731
         g = torch.randn(2, 4, 4, 6, dtype=acc, device=device)
-        # the backward passes' operands, as the op's backward computes them
-        weight, scaled_w, gamma_r, shift, r, m, zc = lateral_module._folded(
-            d(z), d(kw["conv_weight"]), d(kw["bn_weight"]), d(kw["bn_bias"]), stat_mean,
-            stat_var, mean_z, training, 1e-5, d(kw["w_coarse"]), d(kw["w_fine"]),
-            d(kw.get("gate_fine")), 1e-4)
-        sums_args = (g, d(z), weight, scaled_w, r, shift, stat_mean, m, zc, True, backend)
+        params = (d(kw["conv_weight"]), d(kw["bn_weight"]), d(kw["bn_bias"]), stat_mean,
+                  stat_var, mean_z)
+        sums_args = (g, d(z), *params, training, 1e-5, d(kw["w_coarse"]), d(kw["w_fine"]),
+                     d(kw.get("gate_fine")), 1e-4, True, backend)
         torch.library.opcheck(o.lateral_up2_fuse_backward_sums.default, sums_args)
-        a_sum, s, d_gamma, _ = o.lateral_up2_fuse_backward_sums(*sums_args)
+        a_sum, s, d_gamma, sum_fine = o.lateral_up2_fuse_backward_sums(*sums_args)
+        fusion = (d(kw["w_coarse"]), d(kw["w_fine"]), d(kw.get("gate_coarse")),
+                  d(kw.get("gate_fine")))
         torch.library.opcheck(o.lateral_up2_fuse_backward.default, (
-            g, d(coarse), d(z), weight, scaled_w, gamma_r, r, m, zc, cov_z, delta, a_sum, s, s,
-            d_gamma, 2 * 4 * 6, training, d(kw["w_coarse"]), d(kw["w_fine"]),
-            d(kw.get("gate_coarse")), 1e-4, True, backend))
+            g, d(coarse), d(z), *params, cov_z, delta, a_sum, s, s, d_gamma, sum_fine, 2 * 4 * 6,
+            training, 1e-5, *fusion, 1e-4, *(p is not None for p in fusion), backend))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -1,6 +1,6 @@
-"""Counting what one fused call launches: kernels (the extension's `litefpn::_*` ops) and the
-other ATen ops run around them (the [C]-sized glue), from torch.profiler's CPU events. On a GPU
-each of them is a launch; on a CPU each costs a dispatch."""
+"""Counting what one fused call launches: the extension's `litefpn::_*` ops (kernels, or passes
+that run one) and the other ATen ops run around them (the [C]-sized glue), from torch.profiler's
+CPU events. On a GPU each of them is a launch; on a CPU each costs a dispatch."""
 from collections import Counter
 
 import torch
@@ -29,6 +29,6 @@ def _is_op(name):
 
 
 def split(calls):
-    """-> (kernel launches, other ATen calls) of a `top_level_calls` Counter."""
+    """-> (extension op calls, other ATen calls) of a `top_level_calls` Counter."""
     kernels = sum(n for name, n in calls.items() if name.startswith("litefpn::_"))
     return kernels, sum(calls.values()) - kernels

@@ -1,6 +1,7 @@
 """The kernels' contracts (csrc/ops.cpp) as float64 PyTorch, registered as the test-only backend
 "contract": the operators' glue math (statistics, BN folding, chain rule in litefpn_kernels.ops)
-is then tested apart from any compiled kernel, through the same registry every backend uses.
+is then tested apart from any compiled kernel, through the same registry every backend uses
+(the passes around the kernels: litefpn_kernels/ops/_passes.py, as for triton).
 
 Importing this module registers the backend (tests/conftest.py does).
 """
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from litefpn_kernels.backends import registry
 from litefpn_kernels.eager import fusion_weights, up2, up2_fuse
+from litefpn_kernels.ops import _passes
 from litefpn_kernels.ops._tensor import acc_dtype, empty_in_format
 
 NAME = "contract"
@@ -142,16 +144,16 @@ registry.register_backend(NAME, lambda op, device: None)
 
 @registry.register("up2_fuse", NAME)
 def _():
-    return registry.Up2FuseKernels(fwd=up2_fuse_fwd, bwd=up2_fuse_bwd)
+    return _passes.up2_fuse(fwd=up2_fuse_fwd, bwd=up2_fuse_bwd)
 
 
 @registry.register("lateral_up2_fuse", NAME)
 def _():
-    return registry.LateralUp2FuseKernels(gram=lateral_gram, fwd=lateral_fwd,
-                                          grad_z=lateral_grad_z, bwd_coarse=up2_fuse_bwd_coarse)
+    return _passes.lateral_up2_fuse(gram=lateral_gram, fwd=lateral_fwd, grad_z=lateral_grad_z,
+                                    bwd_coarse=up2_fuse_bwd_coarse)
 
 
 @registry.register("bn_silu", NAME)
 def _():
-    return registry.BnSiluKernels(stats=bn_silu_stats, fwd=bn_silu_fwd, bwd_sums=bn_silu_bwd_sums,
-                                  bwd=bn_silu_bwd)
+    return _passes.bn_silu(stats=bn_silu_stats, fwd=bn_silu_fwd, bwd_sums=bn_silu_bwd_sums,
+                           bwd=bn_silu_bwd)

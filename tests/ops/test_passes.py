@@ -1,0 +1,124 @@
+"""The CPU passes (csrc/cpu/passes.cpp: a kernel with BatchNorm's small math, or the fusion
+weights' chain rule, in C++ around it)
+against the same passes built in PyTorch (litefpn_kernels/ops/_passes.py, what the GPU backends
+run) around the same CPU kernels: every output of every pass, in both dtypes, both layouts,
+training and eval, weighted / gated fusion, and the synchronised-BatchNorm branch (delta_z) that
+a single process reaches only through these calls."""
+import pytest
+import torch
+
+from litefpn_kernels.ops import _passes
+from tests.support.helpers import need
+from tests.support.inputs import bn_silu_inputs, lateral_up2_fuse_inputs, up2_fuse_inputs
+from tests.support.layouts import layout
+
+o = torch.ops.litefpn
+
+#: the same tolerance as the ops' own tests against eager: float64 tight, float32 at its epsilon
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+
+
+def _python_passes(op):
+    if op == "up2_fuse":
+        return _passes.up2_fuse(fwd=o._up2_fuse_fwd, bwd=o._up2_fuse_bwd)
+    if op == "bn_silu":
+        return _passes.bn_silu(stats=o._bn_silu_stats, fwd=o._bn_silu_fwd,
+                               bwd_sums=o._bn_silu_bwd_sums, bwd=o._bn_silu_bwd)
+    return _passes.lateral_up2_fuse(gram=o._lateral_gram, fwd=o._lateral_up2_fuse_fwd,
+                                    grad_z=o._lateral_grad_z, bwd_coarse=o._up2_fuse_bwd_coarse)
+
+
+def _close(got, want, dtype):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (i, a.shape, b.shape, a.dtype, b.dtype)
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=f"output {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("fusion", ["plain", "weighted", "gated", "weighted_gated"])
+def test_up2_fuse_grad_pass(dtype, kind, fusion):
+    need("up2_fuse", "cpu", "cpu")
+    py = _python_passes("up2_fuse")
+    coarse, fine, kw = up2_fuse_inputs((3, 10, 3, 4), dtype, "cpu", kind,
+                                       weighted="weighted" in fusion, gates="gated" in fusion)
+    fuse = (kw.get("w_coarse"), kw.get("w_fine"), kw.get("gate_coarse"), kw.get("gate_fine"))
+    g = layout(torch.randn(fine.shape, dtype=torch.float64).to(dtype), kind)
+    for needs in ((False,) * 4, tuple(p is not None for p in fuse)):
+        args = (g, coarse, fine, *fuse, 1e-4, *needs)
+        _close(o._up2_fuse_grad(*args), py.grad(*args), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_bn_silu_passes(dtype, kind, training):
+    need("bn_silu", "cpu", "cpu")
+    py = _python_passes("bn_silu")
+    x, kw = bn_silu_inputs((3, 20, 5, 7), dtype, kind, mean=2.0)
+    g = layout(torch.randn(x.shape, dtype=torch.float64).to(dtype), kind)
+    _close(o._bn_silu_moments(x), py.moments(x), dtype)
+    mean, var = py.moments(x) if training else (kw["running_mean"], kw["running_var"])
+    params = (kw["bn_weight"], kw["bn_bias"], mean, var, 1e-3)
+    _close([o._bn_silu_apply(x, *params)], [py.apply(x, *params)], dtype)
+    sums = o._bn_silu_grad_sums(g, x, *params)
+    _close(sums, py.grad_sums(g, x, *params), dtype)
+    _close([o._bn_silu_grad_x(g, x, *params, sums[0], sums[1], 210, training)],
+           [py.grad_x(g, x, *params, sums[0], sums[1], 210, training)], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["eval", "train", "train_synced"])
+@pytest.mark.parametrize("fusion", ["plain", "weighted", "gated", "weighted_gated"])
+def test_lateral_passes(dtype, kind, mode, fusion):
+    need("lateral_up2_fuse", "cpu", "cpu")
+    training, synced = mode != "eval", mode == "train_synced"
+    py = _python_passes("lateral_up2_fuse")
+    coarse, z, kw = lateral_up2_fuse_inputs((3, 12, 10, 3, 4), dtype, "cpu", kind,
+                                            weighted="weighted" in fusion,
+                                            gates="gated" in fusion, z_mean=1.5)
+    fuse = (kw.get("w_coarse"), kw.get("w_fine"), kw.get("gate_coarse"), kw.get("gate_fine"))
+    g = layout(torch.randn((3, 10, 6, 8), dtype=torch.float64).to(dtype), kind)
+    cw = kw["conv_weight"]
+    moments = o._lateral_moments(z, cw)
+    _close(moments, py.moments(z, cw), dtype)
+    if training:
+        mean_z, cov_z, stat_mean, stat_var = moments
+    else:
+        acc = moments[0].dtype
+        mean_z, cov_z = z.new_empty((0,), dtype=acc), z.new_empty((0, 0), dtype=acc)
+        stat_mean, stat_var = kw["running_mean"], kw["running_var"]
+    bn = (cw, kw["bn_weight"], kw["bn_bias"], stat_mean, stat_var)
+    _close([o._lateral_apply(coarse, z, *bn, 1e-3, *fuse, 1e-4)],
+           [py.apply(coarse, z, *bn, 1e-3, *fuse, 1e-4)], dtype)
+    need_sums = fusion != "plain"
+    sums_args = (g, z, *bn, mean_z, training, 1e-3, fuse[0], fuse[1], fuse[3], 1e-4, need_sums)
+    sums = o._lateral_grad_sums(*sums_args)
+    _close(sums, py.grad_sums(*sums_args), dtype)
+    a_sum, s, d_gamma, sum_fine = sums
+    count = 3 * 6 * 8
+    delta = z.new_empty((0,), dtype=a_sum.dtype)
+    s_all, d_all = s, d_gamma
+    if synced:  # as if another rank held as many values: the group's sums and count differ
+        delta = 0.1 * torch.linspace(-1, 1, 12, dtype=a_sum.dtype)
+        s_all, d_all, count = 1.7 * s + 0.3, 1.3 * d_gamma - 0.2, 2 * count
+    needs = tuple(p is not None for p in fuse)
+    args = (g, coarse, z, *bn, mean_z, cov_z, delta, a_sum, s, s_all, d_all, sum_fine, count,
+            training, 1e-3, *fuse, 1e-4, *needs)
+    _close(o._lateral_grad_inputs(*args), py.grad_inputs(*args), dtype)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "pytorch"])
+def test_lateral_passes_ignore_autocast(impl):
+    """The passes' [C, Cin] products stay in the accumulation dtype under autocast (which would
+    run torch.mm in bf16): the same bits with and without it."""
+    need("lateral_up2_fuse", "cpu", "cpu")
+    k = (_python_passes("lateral_up2_fuse") if impl == "pytorch" else
+         type("cpu", (), dict(moments=staticmethod(o._lateral_moments)))())
+    _, z, kw = lateral_up2_fuse_inputs((2, 24, 16, 3, 4), torch.float32, "cpu", z_mean=1.0)
+    plain = k.moments(z, kw["conv_weight"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = k.moments(z, kw["conv_weight"])
+    for a, b in zip(plain, autocast):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
