@@ -131,6 +131,13 @@ Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
 
 int64_t count(const Tensor& x) { return x.size(0) * x.size(2) * x.size(3); }
 
+// The loops below index these operands by channel: a wrong size is an error, never a stray read
+// (the public ops check their arguments first; these checks guard direct calls).
+void expect_numel(const Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.numel() == n, "litefpn pass: ", name, " must have ", n, " elements, got shape ",
+              t.sizes());
+}
+
 template <typename T>
 const T* cp(const Tensor& t) { return t.const_data_ptr<T>(); }
 
@@ -161,10 +168,15 @@ struct BnFold {
   const acc_t *pw, *pb, *pm, *pv;  // their data
   acc_t eps;
   BnFold(const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& mean_, const Tensor& var_,
-         double bn_eps, at::ScalarType acc)
+         double bn_eps, at::ScalarType acc, int64_t C)
       : w(to_acc(bn_weight, acc)), b(to_acc(bn_bias, acc)), mean(to_acc(mean_, acc)),
         var(to_acc(var_, acc)), pw(cp<acc_t>(w)), pb(cp<acc_t>(b)), pm(cp<acc_t>(mean)),
-        pv(cp<acc_t>(var)), eps(acc_t(bn_eps)) {}
+        pv(cp<acc_t>(var)), eps(acc_t(bn_eps)) {
+    expect_numel(w, C, "bn_weight");
+    expect_numel(b, C, "bn_bias");
+    expect_numel(mean, C, "mean");
+    expect_numel(var, C, "var");
+  }
   void at_channel(int64_t c, acc_t& scale, acc_t& shift, acc_t& r) const {
     r = acc_t(1) / std::sqrt(pv[c] + eps);
     scale = pw[c] * r;
@@ -221,7 +233,7 @@ Tensor bn_silu_apply(const Tensor& x, const Tensor& bn_weight, const Tensor& bn_
   Tensor out;
   LITEFPN_DISPATCH_ACC(acc_of(x), [&] {
     auto [scale, shift, r] = BnFold<scalar_t>(bn_weight, bn_bias, mean, var, bn_eps,
-                                              acc_of(x)).vectors();
+                                              acc_of(x), x.size(1)).vectors();
     out = bn_fwd_k(x, scale, shift);
   });
   return out;
@@ -235,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_silu_grad_sums(const Tensor& grad_out, con
   std::tuple<Tensor, Tensor, Tensor> out;
   LITEFPN_DISPATCH_ACC(acc_of(x), [&] {
     using acc_t = scalar_t;
-    const BnFold<acc_t> bn(bn_weight, bn_bias, mean, var, bn_eps, acc_of(x));
+    const BnFold<acc_t> bn(bn_weight, bn_bias, mean, var, bn_eps, acc_of(x), x.size(1));
     auto [scale, shift, r] = bn.vectors();
     if (x.numel() == 0) {
       out = {at::zeros_like(scale), at::zeros_like(scale), at::zeros_like(scale)};
@@ -260,8 +272,10 @@ Tensor bn_silu_grad_x(const Tensor& grad_out, const Tensor& x, const Tensor& bn_
   LITEFPN_DISPATCH_ACC(acc_of(x), [&] {
     using acc_t = scalar_t;
     const auto acc = acc_of(x);
-    const BnFold<acc_t> bn(bn_weight, bn_bias, mean, var, bn_eps, acc);
+    const BnFold<acc_t> bn(bn_weight, bn_bias, mean, var, bn_eps, acc, x.size(1));
     const Tensor s1a = to_acc(s1, acc), s2a = to_acc(s2, acc);
+    expect_numel(s1a, x.size(1), "s1");
+    expect_numel(s2a, x.size(1), "s2");
     Tensor scale = at::empty_like(bn.var), shift = at::empty_like(bn.var);
     Tensor k_x = at::empty_like(bn.var), k_0 = at::empty_like(bn.var);
     acc_t *ps = mp<acc_t>(scale), *pt = mp<acc_t>(shift), *px = mp<acc_t>(k_x);
@@ -289,6 +303,9 @@ struct Fusion {
   acc_t w[2] = {0, 0}, sp[2] = {0, 0}, denom = 0, coef[2] = {1, 1};  // coef: alpha, beta
   Fusion(const OptTensor& w_c, const OptTensor& w_f, double eps, at::ScalarType acc) {
     if (!w_c.has_value()) return;
+    TORCH_CHECK(w_f.has_value(), "litefpn pass: w_coarse and w_fine go together");
+    expect_numel(*w_c, 1, "w_coarse");
+    expect_numel(*w_f, 1, "w_fine");
     weighted = true;
     w[0] = cp<acc_t>(to_acc(*w_c, acc))[0];
     w[1] = cp<acc_t>(to_acc(*w_f, acc))[0];
@@ -311,6 +328,7 @@ Tensor fine_factor(int64_t n, int64_t c, const Fusion<acc_t>& fusion, const OptT
     return m;
   }
   const Tensor gate = to_acc(*g_f, opts.dtype().toScalarType());
+  expect_numel(gate, n * c, "gate_fine");
   const acc_t* pg = cp<acc_t>(gate);
   for (int64_t i = 0; i < n * c; ++i) pm[i] = fusion.weighted ? pg[i] * fusion.coef[1] : pg[i];
   return m;
@@ -328,11 +346,13 @@ std::array<Tensor, 4> fusion_param_grads(const Tensor& sum_c, const Tensor& sum_
   std::array<Tensor, 4> grads;
   for (Tensor& g : grads) g = at::empty({0}, sum_c.options());
   const int64_t nc = sum_c.numel();
+  expect_numel(sum_f, nc, "sum_fine");
   const std::array<const Tensor*, 2> sums = {&sum_c, &sum_f};
   const std::array<const OptTensor*, 2> gates = {&g_c, &g_f};
   acc_t t[2] = {0, 0};  // sum_nc gate*sum
   for (int side = 0; side < 2; ++side) {
     const Tensor gate = gates[side]->has_value() ? to_acc(**gates[side], acc) : Tensor();
+    if (gate.defined()) expect_numel(gate, nc, side ? "gate_fine" : "gate_coarse");
     const acc_t* s = cp<acc_t>(*sums[side]);
     if (need[2 + side]) {  // d/dgate = coef*sum
       Tensor g = at::empty_like(*sums[side]);
@@ -400,6 +420,14 @@ Six up2_fuse_grad(const Tensor& grad_out, const Tensor& coarse, const Tensor& fi
 }
 
 // ----------------------------------------------------------------------------- lateral_up2_fuse
+// conv_weight: [C, Cin, 1, 1] for a z of Cin channels.
+void check_conv_weight(const Tensor& conv_weight, const Tensor& z) {
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(1) == z.size(1) &&
+                  conv_weight.size(2) == 1 && conv_weight.size(3) == 1,
+              "litefpn pass: conv_weight must be [C, ", z.size(1), ", 1, 1], got shape ",
+              conv_weight.sizes());
+}
+
 // The 1x1 weight as [C, Cin] in acc (a view where it already is).
 Tensor weight2d(const Tensor& conv_weight, at::ScalarType acc) {
   return to_acc(conv_weight.reshape({conv_weight.size(0), conv_weight.size(1)}), acc);
@@ -419,6 +447,7 @@ void matvec(const acc_t* a, const acc_t* v, int64_t rows, int64_t cols, acc_t* y
 Four lateral_moments(const Tensor& z, const Tensor& conv_weight) {
   const InnerOps inner_ops;
   const auto acc = acc_of(z);
+  check_conv_weight(conv_weight, z);
   const int64_t c_in = z.size(1), C = conv_weight.size(0);
   Four out;
   LITEFPN_DISPATCH_ACC(acc, [&] {
@@ -467,12 +496,13 @@ Tensor lateral_apply(const Tensor& coarse, const Tensor& z, const Tensor& conv_w
                      const OptTensor& w_f, const OptTensor& g_c, const OptTensor& g_f,
                      double eps) {
   const InnerOps inner_ops;
+  check_conv_weight(conv_weight, z);
   const auto acc = acc_of(z);
   Tensor out;
   LITEFPN_DISPATCH_ACC(acc, [&] {
     using acc_t = scalar_t;
-    const BnFold<acc_t> bn(bn_weight, bn_bias, stat_mean, stat_var, bn_eps, acc);
     const Tensor w = weight2d(conv_weight, acc);
+    const BnFold<acc_t> bn(bn_weight, bn_bias, stat_mean, stat_var, bn_eps, acc, w.size(0));
     const int64_t C = w.size(0), c_in = w.size(1);
     Tensor folded = at::empty_like(w), shift = at::empty({C}, w.options());
     const acc_t* pw = cp<acc_t>(w);
@@ -502,7 +532,7 @@ struct Folded {
     weight = weight2d(conv_weight, acc);
     const int64_t C = weight.size(0), c_in = weight.size(1);
     std::tie(gamma_r, shift, r) =
-        BnFold<acc_t>(bn_weight, bn_bias, stat_mean, stat_var, bn_eps, acc).vectors();
+        BnFold<acc_t>(bn_weight, bn_bias, stat_mean, stat_var, bn_eps, acc, C).vectors();
     scaled_w = at::empty_like(weight);
     const acc_t *pw = cp<acc_t>(weight), *pg = cp<acc_t>(gamma_r);
     acc_t* ps = mp<acc_t>(scaled_w);
@@ -511,6 +541,7 @@ struct Folded {
     }
     m = fine_factor<acc_t>(z.size(0), C, fusion, g_f, weight.options());
     zc = training ? to_acc(mean_z, acc) : pilot<acc_t>(z);
+    expect_numel(zc, c_in, "mean_z");
   }
 };
 
@@ -522,7 +553,11 @@ Four lateral_grad_sums(const Tensor& grad_out, const Tensor& z, const Tensor& co
                        double bn_eps, const OptTensor& w_c, const OptTensor& w_f,
                        const OptTensor& g_f, double eps, bool need_sums) {
   const InnerOps inner_ops;
+  check_conv_weight(conv_weight, z);
   const int64_t N = z.size(0), C = conv_weight.size(0), c_in = conv_weight.size(1);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(1) == C,
+              "litefpn pass: grad_out must have conv_weight's ", C, " channels, got shape ",
+              grad_out.sizes());
   const auto acc = acc_of(z);
   const auto opts = z.options().dtype(acc);
   const auto sums_shape = need_sums ? std::vector<int64_t>{N, C} : std::vector<int64_t>{0};
@@ -596,8 +631,15 @@ Seven lateral_grad_inputs(
   const InnerOps inner_ops;
   const auto acc = acc_of(z);
   const auto opts = z.options().dtype(acc);
+  check_conv_weight(conv_weight, z);
   const int64_t N = coarse.size(0), C = conv_weight.size(0), c_in = conv_weight.size(1);
   const std::array<bool, 4> need = {need_wc, need_wf, need_gc, need_gf};
+  expect_numel(a_sum, C * c_in, "a_sum");
+  expect_numel(s, C, "s");
+  expect_numel(s_all, C, "s_all");
+  expect_numel(d_gamma_all, C, "d_gamma_all");
+  if (training && z.numel() > 0) expect_numel(cov_z, c_in * c_in, "cov_z");
+  if (delta_z.numel() > 0) expect_numel(delta_z, c_in, "delta_z");
   const bool need_sums = need_wc || need_wf || need_gc || need_gf;
   Seven out;
   LITEFPN_DISPATCH_ACC(acc, [&] {

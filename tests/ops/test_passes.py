@@ -122,3 +122,21 @@ def test_lateral_passes_ignore_autocast(impl):
         autocast = k.moments(z, kw["conv_weight"])
     for a, b in zip(plain, autocast):
         assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_passes_reject_operands_of_the_wrong_size():
+    """The passes index their vector operands by channel: a wrong size is a clear error naming
+    the operand, never a read past its end (the public ops check first; this is for direct
+    calls)."""
+    need("lateral_up2_fuse", "cpu", "cpu")
+    x, kw = bn_silu_inputs((2, 6, 3, 3), torch.float32)
+    short = kw["bn_weight"][:5]
+    with pytest.raises(RuntimeError, match="bn_weight must have 6 elements"):
+        o._bn_silu_apply(x, short, kw["bn_bias"], kw["running_mean"], kw["running_var"], 1e-5)
+    coarse, z, kw = lateral_up2_fuse_inputs((2, 5, 4, 2, 3), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="conv_weight must be"):
+        o._lateral_moments(z, kw["conv_weight"][:, :3])
+    with pytest.raises(RuntimeError, match="w_coarse must have"):
+        o._lateral_apply(coarse, z, kw["conv_weight"], kw["bn_weight"], kw["bn_bias"],
+                         kw["running_mean"], kw["running_var"], 1e-5, kw["w_coarse"].repeat(2),
+                         kw["w_fine"], None, None, 1e-4)
