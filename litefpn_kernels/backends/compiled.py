@@ -15,7 +15,7 @@ from .registry import (BnSiluKernels, LateralUp2FuseKernels, Up2FuseKernels, reg
                        register_backend)
 
 #: the kernels (torch.ops.litefpn.<name>) each op's kernel set runs: an op is available for a
-#: device if all of them are (its passes, csrc/cpu/passes.cpp, run on any device).
+#: device if all of them are (the CPU passes, csrc/cpu/passes.cpp, are built with them).
 SCHEMAS = {
     "up2_fuse": ("_up2_fuse_fwd", "_up2_fuse_bwd"),
     "lateral_up2_fuse": ("_lateral_gram", "_lateral_up2_fuse_fwd", "_lateral_grad_z",
@@ -150,7 +150,6 @@ def _bn_silu(device_key):
 IMPLEMENTED = {"cpu": ("up2_fuse", "lateral_up2_fuse", "bn_silu"),
                "cuda": ("up2_fuse", "lateral_up2_fuse", "bn_silu")}
 _FACTORIES = {"up2_fuse": _up2_fuse, "lateral_up2_fuse": _lateral_up2_fuse, "bn_silu": _bn_silu}
-
 
 
 def kernel_set(op, device_key):

@@ -28,8 +28,10 @@ def centred_moments(s1, s2, center, n):
 
 
 def y_moments(weight, mean_z, cov_z):
-    """Batch mean and biased variance of y = W z from z's moments."""
-    return weight @ mean_z, ((weight @ cov_z) * weight).sum(1).clamp_min(0)
+    """Batch mean and biased variance of y = W z from z's moments (in their dtype: autocast
+    would run the products in bf16/fp16)."""
+    with torch.autocast(weight.device.type, enabled=False):
+        return weight @ mean_z, ((weight @ cov_z) * weight).sum(1).clamp_min(0)
 
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum):
