@@ -13,11 +13,11 @@ channels_last):
   backends build around their kernels, litefpn_kernels/ops/_passes.py) under `TrafficCounter`, a
   dispatch mode that logs every kernel it issues (the private `litefpn::_*` kernels and the
   small aten ops of the BatchNorm / fusion-weight math) with the tensors it reads and writes,
-  each counted once per kernel. Added per GPU backend: the fp32 partial sums its launch plan writes and a second kernel
-  reads back (`scratch`, from the Triton planners themselves and from the CUDA plans in
-  csrc/cuda). Not counted: re-reads a kernel's tiling makes of its own inputs (halo rows, the
-  bilinear taps, CUDA's two channel tiles of one pixel tile), which the kernels arrange to hit
-  L1/L2.
+  each counted once per kernel. Added per GPU backend: the fp32 partial sums its launch plan
+  writes and a second kernel reads back (`scratch`, from the Triton planners themselves and from
+  the CUDA plans in csrc/cuda). Not counted: re-reads a kernel's tiling makes of its own inputs
+  (halo rows, the bilinear taps, CUDA's two channel tiles of one pixel tile), which the kernels
+  arrange to hit L1/L2.
 * **eager**: the same count over the plain PyTorch composition (its aten ops, each reading its
   inputs and writing its output once), plus the passes CUDA's implementations of three ops add
   (`CUDA_ATEN_PASSES`): a lower bound of eager's traffic.

@@ -349,7 +349,7 @@ std::array<Tensor, 4> fusion_param_grads(const Tensor& sum_c, const Tensor& sum_
   expect_numel(sum_f, nc, "sum_fine");
   const std::array<const Tensor*, 2> sums = {&sum_c, &sum_f};
   const std::array<const OptTensor*, 2> gates = {&g_c, &g_f};
-  acc_t t[2] = {0, 0};  // sum_nc gate*sum
+  double t[2] = {0, 0};  // sum_nc gate*sum, in double (N*C terms)
   for (int side = 0; side < 2; ++side) {
     const Tensor gate = gates[side]->has_value() ? to_acc(**gates[side], acc) : Tensor();
     if (gate.defined()) expect_numel(gate, nc, side ? "gate_fine" : "gate_coarse");
@@ -364,11 +364,12 @@ std::array<Tensor, 4> fusion_param_grads(const Tensor& sum_c, const Tensor& sum_
     for (int64_t i = 0; i < nc; ++i) t[side] += pgate ? s[i] * pgate[i] : s[i];
   }
   if (need[0] || need[1]) {  // d/dsp = (t*D - t.sp)/D^2, then softplus' backward
-    const acc_t dot = t[0] * fusion.sp[0] + t[1] * fusion.sp[1];
+    const acc_t tc = acc_t(t[0]), tf = acc_t(t[1]);
+    const acc_t dot = tc * fusion.sp[0] + tf * fusion.sp[1];
     const std::array<const OptTensor*, 2> ws = {&w_c, &w_f};
     for (int side = 0; side < 2; ++side) {
       if (!need[side]) continue;
-      const acc_t d_sp = (t[side] * fusion.denom - dot) / (fusion.denom * fusion.denom);
+      const acc_t d_sp = ((side ? tf : tc) * fusion.denom - dot) / (fusion.denom * fusion.denom);
       const acc_t x = fusion.w[side], e = std::exp(x);
       Tensor g = at::empty({1}, sum_c.options());
       mp<acc_t>(g)[0] = x > acc_t(20) ? d_sp : d_sp * e / (e + acc_t(1));
@@ -703,7 +704,9 @@ Seven lateral_grad_inputs(
         const Tensor s_a = to_acc(s, acc);
         const acc_t* sl = cp<acc_t>(s_a);
         for (int64_t c = 0; c < C; ++c) {
-          for (int64_t k = 0; k < c_in; ++k) gw[c * c_in + k] = gr[c] * (a[c * c_in + k] + sl[c] * zc[k]);
+          for (int64_t k = 0; k < c_in; ++k) {
+            gw[c * c_in + k] = gr[c] * (a[c * c_in + k] + sl[c] * zc[k]);
+          }
         }
         grad_z = grad_z_k(grad_out, z, f.scaled_w, f.m, std::nullopt, std::nullopt);
       }
