@@ -131,6 +131,12 @@ Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
 
 int64_t count(const Tensor& x) { return x.size(0) * x.size(2) * x.size(3); }
 
+// Shape of the per-(n, c) sums a backward returns: [N, C], or [0] when not needed
+// (litefpn_kernels/ops/_tensor.py, sum_shape).
+std::vector<int64_t> sum_shape(bool need_sums, int64_t n, int64_t c) {
+  return need_sums ? std::vector<int64_t>{n, c} : std::vector<int64_t>{0};
+}
+
 // The loops below index these operands by channel: a wrong size is an error, never a stray read
 // (the public ops check their arguments first; these checks guard direct calls).
 void expect_numel(const Tensor& t, int64_t n, const char* name) {
@@ -397,8 +403,7 @@ Six up2_fuse_grad(const Tensor& grad_out, const Tensor& coarse, const Tensor& fi
     using acc_t = scalar_t;
     Tensor grad_coarse, grad_fine, sum_c, sum_f;
     if (fine.numel() == 0) {
-      const auto shape = need_sums ? std::vector<int64_t>{coarse.size(0), coarse.size(1)}
-                                   : std::vector<int64_t>{0};
+      const auto shape = sum_shape(need_sums, coarse.size(0), coarse.size(1));
       grad_coarse = at::zeros_like(coarse);
       grad_fine = at::zeros_like(fine);
       sum_c = at::zeros(shape, opts);
@@ -432,6 +437,19 @@ void check_conv_weight(const Tensor& conv_weight, const Tensor& z) {
 // The 1x1 weight as [C, Cin] in acc (a view where it already is).
 Tensor weight2d(const Tensor& conv_weight, at::ScalarType acc) {
   return to_acc(conv_weight.reshape({conv_weight.size(0), conv_weight.size(1)}), acc);
+}
+
+// diag(scale) w for a [C, Cin] w: BatchNorm folded into the 1x1 weight (W' = diag(gamma r) W).
+template <typename acc_t>
+Tensor scale_rows(const Tensor& w, const Tensor& scale) {
+  const int64_t C = w.size(0), c_in = w.size(1);
+  Tensor out = at::empty_like(w);
+  const acc_t *pw = cp<acc_t>(w), *ps = cp<acc_t>(scale);
+  acc_t* po = mp<acc_t>(out);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 0; k < c_in; ++k) po[c * c_in + k] = ps[c] * pw[c * c_in + k];
+  }
+  return out;
 }
 
 // y[r] = sum_k a[r, k] v[k] for a row-major [rows, cols] a.
@@ -503,18 +521,10 @@ Tensor lateral_apply(const Tensor& coarse, const Tensor& z, const Tensor& conv_w
   LITEFPN_DISPATCH_ACC(acc, [&] {
     using acc_t = scalar_t;
     const Tensor w = weight2d(conv_weight, acc);
-    const BnFold<acc_t> bn(bn_weight, bn_bias, stat_mean, stat_var, bn_eps, acc, w.size(0));
-    const int64_t C = w.size(0), c_in = w.size(1);
-    Tensor folded = at::empty_like(w), shift = at::empty({C}, w.options());
-    const acc_t* pw = cp<acc_t>(w);
-    acc_t *pf = mp<acc_t>(folded), *pt = mp<acc_t>(shift);
-    for (int64_t c = 0; c < C; ++c) {  // W' = diag(scale) W, b' = shift
-      acc_t scale, r;
-      bn.at_channel(c, scale, pt[c], r);
-      for (int64_t k = 0; k < c_in; ++k) pf[c * c_in + k] = scale * pw[c * c_in + k];
-    }
-    out = lateral_fwd_k(coarse, z, folded, shift, to_acc(w_c, acc), to_acc(w_f, acc),
-                        to_acc(g_c, acc), to_acc(g_f, acc), eps);
+    auto [scale, shift, r] =
+        BnFold<acc_t>(bn_weight, bn_bias, stat_mean, stat_var, bn_eps, acc, w.size(0)).vectors();
+    out = lateral_fwd_k(coarse, z, scale_rows<acc_t>(w, scale), shift, to_acc(w_c, acc),
+                        to_acc(w_f, acc), to_acc(g_c, acc), to_acc(g_f, acc), eps);
   });
   return out;
 }
@@ -534,12 +544,7 @@ struct Folded {
     const int64_t C = weight.size(0), c_in = weight.size(1);
     std::tie(gamma_r, shift, r) =
         BnFold<acc_t>(bn_weight, bn_bias, stat_mean, stat_var, bn_eps, acc, C).vectors();
-    scaled_w = at::empty_like(weight);
-    const acc_t *pw = cp<acc_t>(weight), *pg = cp<acc_t>(gamma_r);
-    acc_t* ps = mp<acc_t>(scaled_w);
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t k = 0; k < c_in; ++k) ps[c * c_in + k] = pg[c] * pw[c * c_in + k];
-    }
+    scaled_w = scale_rows<acc_t>(weight, gamma_r);
     m = fine_factor<acc_t>(z.size(0), C, fusion, g_f, weight.options());
     zc = training ? to_acc(mean_z, acc) : pilot<acc_t>(z);
     expect_numel(zc, c_in, "mean_z");
@@ -561,7 +566,7 @@ Four lateral_grad_sums(const Tensor& grad_out, const Tensor& z, const Tensor& co
               grad_out.sizes());
   const auto acc = acc_of(z);
   const auto opts = z.options().dtype(acc);
-  const auto sums_shape = need_sums ? std::vector<int64_t>{N, C} : std::vector<int64_t>{0};
+  const auto sums_shape = sum_shape(need_sums, N, C);
   if (z.numel() == 0) {
     return {at::zeros({C, c_in}, opts), at::zeros({C}, opts), at::zeros({C}, opts),
             at::zeros(sums_shape, opts)};
@@ -651,8 +656,7 @@ Seven lateral_grad_inputs(
       grad_coarse = at::zeros_like(coarse);
       grad_z = at::zeros_like(z);
       grad_w.zero_();
-      sum_coarse = at::zeros(need_sums ? std::vector<int64_t>{N, C} : std::vector<int64_t>{0},
-                             opts);
+      sum_coarse = at::zeros(sum_shape(need_sums, N, C), opts);
     } else {
       const Folded<acc_t> f(z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z,
                             training, bn_eps, fusion, g_f);

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import backends, eager
 from ..backends import registry
 from ..eager import FUSION_EPS
-from . import _autograd_support, _batch_norm, _checks, _dispatch, _distributed
+from . import _autograd_support, _batch_norm, _checks, _dispatch, _distributed, _passes
 from ._tensor import acc_dtype, as_dtype, empty_in_format, like_param, sum_shape
 
 
@@ -90,16 +90,13 @@ def _synced(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_va
     mean_l, cov_l, _, _ = _moments_call(z.detach(), conv_weight.detach(), args[-1])
     mean_z, cov_z, total, delta = _distributed.global_moments(key, _batch_norm.count(z), mean_l,
                                                               cov_l)
-    stat_mean, stat_var = _batch_norm.y_moments(_weight(conv_weight.detach(), acc), mean_z, cov_z)
+    weight = _passes.weight2d(conv_weight.detach(), acc)
+    stat_mean, stat_var = _batch_norm.y_moments(weight, mean_z, cov_z)
     _batch_norm.update_running_stats(running_mean, running_var, stat_mean, stat_var, total,
                                      momentum)
     return _lateral_call(
         coarse, z, conv_weight, bn_weight, bn_bias, stat_mean, stat_var, mean_z,
         cov_l + torch.outer(delta, delta), delta, True, float(bn_eps), *args, key)
-
-
-def _weight(conv_weight, acc):
-    return conv_weight.reshape(conv_weight.shape[0], conv_weight.shape[1]).to(acc)
 
 
 def _out_like_z(coarse, z):
