@@ -12,8 +12,9 @@ channels_last):
   (on CPU, through the CPU kernels, which have the same contracts, inside the passes the GPU
   backends build around their kernels, litefpn_kernels/ops/_passes.py) under `TrafficCounter`, a
   dispatch mode that logs every kernel it issues (the private `litefpn::_*` kernels and the
-  small aten ops of the BatchNorm / fusion-weight math) with the tensors it reads and writes,
-  each counted once per kernel. Added per GPU backend: the fp32 partial sums its launch plan
+  launches of the small BatchNorm / fusion-weight math: the GPU backends' Triton steps and
+  their cuBLAS calls, `_CountedSteps`) with the tensors it reads and writes, each counted once
+  per kernel. Added per GPU backend: the fp32 partial sums its launch plan
   writes and a second kernel reads back (`scratch`, from the Triton planners themselves and from
   the CUDA plans in csrc/cuda). Not counted: re-reads a kernel's tiling makes of its own inputs
   (halo rows, the bilinear taps, CUDA's two channel tiles of one pixel tile), which the kernels
@@ -40,10 +41,13 @@ import sys
 from typing import Dict, List, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (TorchDispatchMode, _disable_current_modes,
+                                          _get_current_dispatch_mode)
 from torch.utils._pytree import tree_flatten
 
 from litefpn_kernels.backends import compiled, registry
+from litefpn_kernels.backends.triton_kernels import TRITON_IMPORTABLE
+from litefpn_kernels.ops import _steps
 
 from . import cases
 
@@ -375,18 +379,59 @@ def predict_time(kernels, impl, dtype, gpu, compute_fraction=COMPUTE_FRACTION):
 
 
 # ----------------------------------------------------------------------------- the op rows
+class _CountedSteps:
+    """The GPU backends' steps (litefpn_kernels/triton/steps.py, the passes' small math) as the
+    counter sees them, on CPU tensors without the Triton interpreter: a step's values come from
+    the PyTorch steps (ops/_steps.py), run out of the counter's sight; then the Triton step is
+    called with its launches logged instead of run (one kernel each, reading its tensor
+    arguments: [C]- and [C, Cin]-sized) and its library calls (torch.mm / mv: cuBLAS) logged as
+    they run. Its outputs are discarded (the kernels did not fill them)."""
+
+    def __init__(self):
+        from litefpn_kernels.triton import steps
+        self._gpu = steps
+
+    def __getattr__(self, name):
+        reference, gpu = getattr(_steps, name), getattr(self._gpu, name)
+
+        def step(*args):
+            with _disable_current_modes():
+                out = reference(*args)
+            launch = self._gpu._launch
+            self._gpu._launch = _log_launch
+            try:
+                gpu(*args)
+            finally:
+                self._gpu._launch = launch
+            return out
+        return step
+
+
+def _log_launch(kernel, grid, *args, **meta):
+    counter = _get_current_dispatch_mode()
+    if isinstance(counter, TrafficCounter):  # (not in the warm-up call before counting)
+        # a map ([N, C, H, W]) is read at one value per channel (the pilot, x[0, :, 0, 0])
+        maps = sum(a.shape[1] * a.element_size() for a in args
+                   if isinstance(a, torch.Tensor) and a.dim() == 4)
+        reads = _distinct_bytes(a for a in args if isinstance(a, torch.Tensor) and a.dim() < 4)
+        counter.kernels.append(Kernel(f"triton:{kernel.fn.__name__}", reads + maps, 0.0))
+
+
 #: The backend the fused GPU backends are counted through: the CPU kernels (the same contracts)
-#: inside the passes the GPU backends build around their kernels in PyTorch
-#: (litefpn_kernels/ops/_passes.py). The `cpu` backend's own passes are single C++ calls, which
-#: a dispatch mode cannot look into.
+#: inside the passes the GPU backends build around their kernels
+#: (litefpn_kernels/ops/_passes.py), with their steps as `_CountedSteps` logs them (the PyTorch
+#: steps' own small ops where Triton is not installed). The `cpu` backend's own passes are
+#: single C++ calls, which a dispatch mode cannot look into.
 COUNTED = "cpu_kernels_in_gpu_passes"
 
 
 def _counted_backend():
     if not registry.has_kernels("lateral_up2_fuse", COUNTED):
+        steps = _CountedSteps() if TRITON_IMPORTABLE else _steps
         registry.register_backend(COUNTED, lambda op, device: registry.reason(op, "cpu", device))
         for op in registry.OPS:
-            registry.register(op, COUNTED)(functools.partial(compiled.kernel_set, op, "CUDA"))
+            registry.register(op, COUNTED)(
+                functools.partial(compiled.kernel_set, op, "CUDA", steps=steps))
     return COUNTED
 
 

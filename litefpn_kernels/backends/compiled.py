@@ -13,6 +13,7 @@ import torch
 
 from .registry import (BnSiluKernels, LateralUp2FuseKernels, Up2FuseKernels, register,
                        register_backend)
+from .triton_kernels import TRITON_IMPORTABLE
 
 #: the kernels (torch.ops.litefpn.<name>) each op's kernel set runs: an op is available for a
 #: device if all of them are (the CPU passes, csrc/cpu/passes.cpp, are built with them).
@@ -113,15 +114,15 @@ register_backend("cpu", _reason_cpu)
 register_backend("cuda", _reason_cuda)
 
 
-def _up2_fuse(device_key):
+def _up2_fuse(device_key, steps):
     o = torch.ops.litefpn
     if device_key == "CPU":  # the backward pass in C++ (csrc/cpu/passes.cpp, CPU only)
         return Up2FuseKernels(fwd=o._up2_fuse_fwd, grad=o._up2_fuse_grad)
     from ..ops import _passes
-    return _passes.up2_fuse(fwd=o._up2_fuse_fwd, bwd=o._up2_fuse_bwd)
+    return _passes.up2_fuse(fwd=o._up2_fuse_fwd, bwd=o._up2_fuse_bwd, steps=steps)
 
 
-def _lateral_up2_fuse(device_key):
+def _lateral_up2_fuse(device_key, steps):
     o = torch.ops.litefpn
     if device_key == "CPU":  # the passes in C++ (csrc/cpu/passes.cpp, CPU only)
         return LateralUp2FuseKernels(moments=o._lateral_moments, apply=o._lateral_apply,
@@ -129,17 +130,29 @@ def _lateral_up2_fuse(device_key):
                                      grad_inputs=o._lateral_grad_inputs)
     from ..ops import _passes
     return _passes.lateral_up2_fuse(gram=o._lateral_gram, fwd=o._lateral_up2_fuse_fwd,
-                                    grad_z=o._lateral_grad_z, bwd_coarse=o._up2_fuse_bwd_coarse)
+                                    grad_z=o._lateral_grad_z, bwd_coarse=o._up2_fuse_bwd_coarse,
+                                    steps=steps)
 
 
-def _bn_silu(device_key):
+def _bn_silu(device_key, steps):
     o = torch.ops.litefpn
     if device_key == "CPU":
         return BnSiluKernels(moments=o._bn_silu_moments, apply=o._bn_silu_apply,
                              grad_sums=o._bn_silu_grad_sums, grad_x=o._bn_silu_grad_x)
     from ..ops import _passes
     return _passes.bn_silu(stats=o._bn_silu_stats, fwd=o._bn_silu_fwd,
-                           bwd_sums=o._bn_silu_bwd_sums, bwd=o._bn_silu_bwd)
+                           bwd_sums=o._bn_silu_bwd_sums, bwd=o._bn_silu_bwd, steps=steps)
+
+
+def gpu_steps():
+    """The small math of the `cuda` backend's passes: the Triton steps (one or two launches a
+    step, litefpn_kernels/triton/steps.py) where Triton is installed (every CUDA build of torch
+    has it), else the PyTorch steps (ops/_steps.py: a few to a few dozen small launches)."""
+    if TRITON_IMPORTABLE:
+        from ..triton import steps
+        return steps
+    from ..ops import _steps
+    return _steps
 
 
 #: ops whose kernels csrc/ implements per backend. An op is registered for a backend if it is
@@ -152,14 +165,15 @@ IMPLEMENTED = {"cpu": ("up2_fuse", "lateral_up2_fuse", "bn_silu"),
 _FACTORIES = {"up2_fuse": _up2_fuse, "lateral_up2_fuse": _lateral_up2_fuse, "bn_silu": _bn_silu}
 
 
-def kernel_set(op, device_key):
+def kernel_set(op, device_key, steps=None):
     """`op`'s kernel set of the backend of `device_key` ("CPU": the C++ passes; "CUDA": the
-    PyTorch passes around the kernels, which also run on CPU tensors through their CPU kernels:
-    benchmarks/bandwidth_model.py counts the GPU backends' launches that way)."""
-    return _FACTORIES[op](device_key)
+    passes around the kernels with `steps` (default: `gpu_steps()`); with the PyTorch steps they
+    also run on CPU tensors through the CPU kernels: benchmarks/bandwidth_model.py counts the
+    GPU backends' kernels that way)."""
+    return _FACTORIES[op](device_key, gpu_steps() if steps is None else steps)
 
 
 for _backend, _key in (("cpu", "CPU"), ("cuda", "CUDA")):
-    for _op, _factory in _FACTORIES.items():
+    for _op in _FACTORIES:
         if _op in IMPLEMENTED[_backend] or (_op, _key) in COMPILED_FOR:
-            register(_op, _backend)(functools.partial(_factory, _key))
+            register(_op, _backend)(functools.partial(kernel_set, _op, _key))

@@ -1,5 +1,6 @@
 """The `triton` backend: the kernels of `litefpn_kernels/triton/` (same contracts as csrc/ops.cpp,
-same entry-point names). Imported lazily, on first use: TRITON_INTERPRET must be set before
+same entry-point names) in the passes of ops/_passes.py, with the Triton steps
+(triton/steps.py). Imported lazily, on first use: TRITON_INTERPRET must be set before
 `triton.jit` decorates anything, and importing triton is slow."""
 import importlib.util
 import os
@@ -31,20 +32,21 @@ register_backend("triton", _reason)
 @register("up2_fuse", "triton")
 def _up2_fuse():
     from ..ops import _passes
-    from ..triton import up2_fuse as k
-    return _passes.up2_fuse(fwd=k.fwd, bwd=k.bwd)
+    from ..triton import steps, up2_fuse as k
+    return _passes.up2_fuse(fwd=k.fwd, bwd=k.bwd, steps=steps)
 
 
 @register("lateral_up2_fuse", "triton")
 def _lateral_up2_fuse():
     from ..ops import _passes
-    from ..triton import lateral_up2_fuse as k
+    from ..triton import lateral_up2_fuse as k, steps
     return _passes.lateral_up2_fuse(gram=k.gram, fwd=k.fwd, grad_z=k.grad_z,
-                                    bwd_coarse=k.bwd_coarse)
+                                    bwd_coarse=k.bwd_coarse, steps=steps)
 
 
 @register("bn_silu", "triton")
 def _bn_silu():
     from ..ops import _passes
-    from ..triton import bn_silu as k
-    return _passes.bn_silu(stats=k.stats, fwd=k.fwd, bwd_sums=k.bwd_sums, bwd=k.bwd)
+    from ..triton import bn_silu as k, steps
+    return _passes.bn_silu(stats=k.stats, fwd=k.fwd, bwd_sums=k.bwd_sums, bwd=k.bwd,
+                           steps=steps)

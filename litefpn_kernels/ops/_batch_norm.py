@@ -1,7 +1,6 @@
-"""BatchNorm math around the kernels' sums: the pilot value and centred moments, the statistics
-of y = W z from z's moments (the synchronised path; `_passes.py` has the rest), and
-F.batch_norm's running-statistics update. Only [C]- and
-[C, Cin]-sized tensors: the activations are the kernels' business."""
+"""BatchNorm math around the kernels' sums: the pilot value and centred moments, and
+F.batch_norm's running-statistics update. Only [C]- and [C, Cin]-sized tensors: the
+activations are the kernels' business."""
 import torch
 
 from . import _dispatch
@@ -25,13 +24,6 @@ def centred_moments(s1, s2, center, n):
     """(mean, biased variance) from sums s1 = sum(x - center), s2 = sum((x - center)^2)."""
     d = s1 / n
     return center + d, (s2 / n - d * d).clamp_min(0)
-
-
-def y_moments(weight, mean_z, cov_z):
-    """Batch mean and biased variance of y = W z from z's moments (in their dtype: autocast
-    would run the products in bf16/fp16)."""
-    with torch.autocast(weight.device.type, enabled=False):
-        return weight @ mean_z, ((weight @ cov_z) * weight).sum(1).clamp_min(0)
 
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum):

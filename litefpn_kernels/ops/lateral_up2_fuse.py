@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import backends, eager
 from ..backends import registry
 from ..eager import FUSION_EPS
-from . import _autograd_support, _batch_norm, _checks, _dispatch, _distributed, _passes
+from . import _autograd_support, _batch_norm, _checks, _dispatch, _distributed, _steps
 from ._tensor import acc_dtype, as_dtype, empty_in_format, like_param, sum_shape
 
 
@@ -90,8 +90,9 @@ def _synced(coarse, z, conv_weight, bn_weight, bn_bias, running_mean, running_va
     mean_l, cov_l, _, _ = _moments_call(z.detach(), conv_weight.detach(), args[-1])
     mean_z, cov_z, total, delta = _distributed.global_moments(key, _batch_norm.count(z), mean_l,
                                                               cov_l)
-    weight = _passes.weight2d(conv_weight.detach(), acc)
-    stat_mean, stat_var = _batch_norm.y_moments(weight, mean_z, cov_z)
+    with torch.autocast(z.device.type, enabled=False):  # the products in acc, not bf16/fp16
+        stat_mean, stat_var = _steps.y_moments(_steps.weight2d(conv_weight.detach(), acc),
+                                               mean_z, cov_z)
     _batch_norm.update_running_stats(running_mean, running_var, stat_mean, stat_var, total,
                                      momentum)
     return _lateral_call(

@@ -37,6 +37,12 @@ WORKER_TIMEOUT_S = 600
 # sizes of 1.
 C, CIN, H, W = 128, 64, 16, 32
 BN_OPS = ("bn_stats", "bn_fwd", "bn_bwd_sums", "bn_bwd")
+#: the steps of triton/steps.py, each called as the passes call it (a "-flag" picks a branch)
+STEPS = ("pilot", "moments", "bn_affine", "bn_grad_coefs-train", "bn_grad_coefs-eval",
+         "gram_moments", "y_moments", "fold_weight", "fine_factor", "lateral_grad_sums",
+         "lateral_grad_sums-no_sums", "lateral_grad_weights-train",
+         "lateral_grad_weights-synced", "lateral_grad_weights-eval", "fusion_grads",
+         "fusion_grads-gates_only")
 
 
 def _case_list():
@@ -87,6 +93,10 @@ def _case_list():
     add("bn_sum_slots", "fp32", "nchw", "full")
     add("bn_sum_slots", "fp64", "nchw", "full")
     add("bn_sum_slots", "fp32", "nchw", "i64")
+    # the passes' small math (triton/steps.py), in both accumulation dtypes
+    for step in STEPS:
+        for dtype in ("fp32", "fp64"):
+            add("steps", dtype, "nchw", step)
     return cases
 
 
@@ -156,13 +166,56 @@ def _build(spec):
                                    interpret=False)
     elif kernel in BN_OPS or kernel == "bn_sum_slots":
         plan = _bn_plan(kernel, variant, act, acc)
+    elif kernel == "steps":
+        return _step_launches(variant, acc)
     else:
         raise KeyError(kernel)
     fn, _grid, args, kwargs = plan
     kwargs = dict(kwargs)
     if variant == "i64":
         kwargs["I64"] = True
-    return fn, args, kwargs
+    return [(fn, args, kwargs)]
+
+
+def _step_launches(variant, acc):
+    """[(kernel, args, kwargs)] of every launch the step `variant` makes, recorded (not run)
+    from a call with the passes' arguments at the spec's channel counts."""
+    import torch
+
+    from litefpn_kernels.triton import steps
+
+    step, _, flag = variant.partition("-")
+    n, c, k = 8, C, CIN
+    v = lambda *shape: torch.ones(shape, dtype=acc)  # noqa: E731
+    w, bn, fuse = v(c, k), (v(c), v(c), v(c), v(c), 1e-5), (v(1), v(1), v(n, c))
+    calls = {
+        "pilot": lambda: steps.pilot(torch.ones(n, c, H, W, dtype=acc), acc),
+        "moments": lambda: steps.moments(v(c), v(c), v(c), n * H * W),
+        "bn_affine": lambda: steps.bn_affine(*bn, acc),
+        "bn_grad_coefs": lambda: steps.bn_grad_coefs(*bn, v(c), v(c), n * H * W,
+                                                     flag == "train", acc),
+        "gram_moments": lambda: steps.gram_moments(v(n, k, k), v(n, k), v(k), n * H * W),
+        "y_moments": lambda: steps.y_moments(w, v(k), v(k, k)),
+        "fold_weight": lambda: steps.fold_weight(w, *bn),
+        "fine_factor": lambda: steps.fine_factor(n, c, *fuse, 1e-4, acc, "cpu"),
+        "lateral_grad_sums": lambda: steps.lateral_grad_sums(
+            v(n, c, k), v(n, c), w, *bn, v(k), *fuse, 1e-4, flag != "no_sums"),
+        "lateral_grad_weights": lambda: steps.lateral_grad_weights(
+            w, *bn, v(k), v(k, k), v(k) if flag == "synced" else v(0), v(c, k), v(c), v(c),
+            v(c), 0.5, 2 * n * H * W, flag != "eval"),
+        "fusion_grads": lambda: steps.fusion_grads(
+            (flag != "gates_only",) * 2 + (True, True), v(n, c), v(n, c), v(1), v(1), v(n, c),
+            v(n, c), 1e-4),
+    }
+    launches = []
+    launch = steps._launch
+    steps._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, args, meta))
+    try:
+        calls[step]()
+    finally:
+        steps._launch = launch
+    assert launches, f"step {variant} launched nothing"
+    return launches
 
 
 def _bn_plan(kernel, variant, act, acc):
@@ -229,7 +282,7 @@ def _worker_cases(shard, n_shards):
     assert not triton.knobs.runtime.interpret, "the worker must run without TRITON_INTERPRET"
     for case_id, spec in CASES[shard::n_shards]:
         try:
-            fn, args, kwargs = _build(spec)
+            launches = _build(spec)
         except Exception:  # noqa: BLE001 - reported per case
             for cc in TARGETS:
                 _emit(case_id, cc, False, "plan failed:\n" + traceback.format_exc(), 0.0)
@@ -237,8 +290,10 @@ def _worker_cases(shard, n_shards):
         for cc in TARGETS:
             t0 = time.perf_counter()
             try:
-                kernel = _compile(fn, args, kwargs, cc)
-                errors = _check_binary(kernel, fn.__name__, cc)
+                errors = []
+                for fn, args, kwargs in launches:
+                    kernel = _compile(fn, args, kwargs, cc)
+                    errors += _check_binary(kernel, fn.__name__, cc)
                 _emit(case_id, cc, not errors, "; ".join(errors), time.perf_counter() - t0)
             except Exception:  # noqa: BLE001
                 _emit(case_id, cc, False, traceback.format_exc(), time.perf_counter() - t0)
@@ -354,6 +409,12 @@ def test_every_kernel_is_covered():
                "_sum_partials_kernel": "sum_partials", "_gram_kernel": "gram",
                "_lateral_fwd_kernel": "lateral_fwd", "_lateral_grad_z_kernel": "grad_z",
                "_bn_silu_kernel": BN_OPS, "_bn_sum_slots_kernel": "bn_sum_slots"}
+    # the steps' kernels: each launched by one of the STEPS cases (recorded here, not run)
+    import torch
+
+    launched = {kernel.fn.__name__ for step in STEPS for dtype in (torch.float32, torch.float64)
+                for kernel, _, _ in _step_launches(step, dtype)}
+    covered.update((name, "steps") for name in launched)
     assert names == set(covered), f"kernels without a compile case: {names - set(covered)}"
     kinds = {spec["kernel"] for _, spec in CASES}
     want = {k for v in covered.values() for k in ((v,) if isinstance(v, str) else v)}

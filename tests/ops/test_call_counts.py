@@ -1,10 +1,11 @@
-"""What one fused call launches, counted (torch.profiler, CPU backend): the extension's ops
+"""What one fused call launches, counted (torch.profiler): on the CPU backend, the extension's ops
 (`litefpn::_*`: a kernel, or a pass: one kernel with BatchNorm's small math or the fusion
 weights' chain rule in C++ around it, csrc/cpu/passes.cpp), and the other ATen ops run
 around them from Python (the glue), which cost more than the kernels at small sizes (and are a
 launch each on a GPU). The ceilings are today's counts: lower them when the glue shrinks, never
 raise them without a reason in the commit. Also: in plain eager the ops skip the custom-op
-wrapper (`ops/_dispatch.py`) and give bit-for-bit what the custom ops give."""
+wrapper (`ops/_dispatch.py`) and give bit-for-bit what the custom ops give; and each pass of the
+GPU backends (ops/_passes.py with the Triton steps) launches a handful of kernels."""
 import contextlib
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from litefpn_kernels import ops
-from tests.support.call_counts import split, top_level_calls
+from litefpn_kernels.backends import compiled, triton_kernels
+from tests.support.call_counts import gpu_launches, split, top_level_calls
 from tests.support.helpers import need
 from tests.support.inputs import bn_silu_inputs, lateral_up2_fuse_inputs, up2_fuse_inputs
 
@@ -95,3 +97,82 @@ def test_direct_call_equals_custom_op(case):
                for n in _Intercept.seen), "the intercepted run did not reach the custom ops"
     for direct, custom in zip(*results):
         assert torch.equal(direct, custom)
+
+
+# ----------------------------------------------------------------------------- GPU passes
+def _gpu_passes(op, monkeypatch):
+    """The `cuda` backend's passes (compiled.kernel_set(op, "CUDA"): ops/_passes.py with the
+    Triton steps) around the CPU twins of its kernels, each Triton step's launch recorded as one
+    "triton::" event (the interpreter's own tensor calls inside it are not launches)."""
+    if not (triton_kernels.TRITON_IMPORTABLE and triton_kernels.interpreting()):
+        pytest.skip("the Triton steps run on CPU tensors in the interpreter (TRITON_INTERPRET=1)")
+    need(op, "cpu", torch.device("cpu"))
+    from litefpn_kernels.triton import steps
+    launch = steps._launch
+
+    def recorded(kernel, grid, *args, **meta):
+        with torch.profiler.record_function(f"triton::{kernel.fn.__name__}"):
+            launch(kernel, grid, *args, **meta)
+    monkeypatch.setattr(steps, "_launch", recorded)
+    return compiled.kernel_set(op, "CUDA", steps=steps)
+
+
+def _gpu_bn_silu(k, training):
+    x, kw = bn_silu_inputs((2, 8, 6, 10), torch.float32)
+    g = torch.randn_like(x)
+    stats = k.moments(x) if training else (kw["running_mean"], kw["running_var"])
+    p = (kw["bn_weight"], kw["bn_bias"], *stats, 1e-3)
+    s1, s2, _ = k.grad_sums(g, x, *p)
+    return dict(moments=lambda: k.moments(x), apply=lambda: k.apply(x, *p),
+                grad_sums=lambda: k.grad_sums(g, x, *p),
+                grad_x=lambda: k.grad_x(g, x, *p, s1, s2, 120, training))
+
+
+def _gpu_lateral(k, training):
+    coarse, z, kw = lateral_up2_fuse_inputs((2, 4, 8, 4, 6), torch.float32, "cpu", gates=True)
+    fuse = (kw["w_coarse"], kw["w_fine"], kw["gate_coarse"], kw["gate_fine"])
+    cw, g = kw["conv_weight"], torch.randn(2, 8, 8, 12)
+    mean_z, cov_z, mean, var = k.moments(z, cw)
+    if not training:
+        mean, var = kw["running_mean"], kw["running_var"]
+    bn = (cw, kw["bn_weight"], kw["bn_bias"], mean, var)
+    sums_args = (g, z, *bn, mean_z, training, 1e-3, fuse[0], fuse[1], fuse[3], 1e-4, True)
+    a_sum, s, d_gamma, sum_fine = k.grad_sums(*sums_args)
+    args = (g, coarse, z, *bn, mean_z, cov_z, z.new_empty((0,)), a_sum, s, s, d_gamma,
+            sum_fine, 2 * 8 * 12, training, 1e-3, *fuse, 1e-4, True, True, True, True)
+    return dict(moments=lambda: k.moments(z, cw),
+                apply=lambda: k.apply(coarse, z, *bn, 1e-3, *fuse, 1e-4),
+                grad_sums=lambda: k.grad_sums(*sums_args), grad_inputs=lambda: k.grad_inputs(*args))
+
+
+def _gpu_up2(k, training):
+    coarse, fine, kw = up2_fuse_inputs((2, 8, 4, 6), torch.float32, "cpu", gates=True)
+    fuse = (kw["w_coarse"], kw["w_fine"], kw["gate_coarse"], kw["gate_fine"])
+    g = torch.randn_like(fine)
+    return dict(grad=lambda: k.grad(g, coarse, fine, *fuse, 1e-4, True, True, True, True))
+
+
+#: case -> (passes, {pass: ceiling on its GPU launches}): the op's kernels (1-2 a pass) plus the
+#: Triton steps (1-3) plus cuBLAS for the lateral's [C, Cin] products. With the PyTorch steps
+#: instead, the same passes launch 7-68 (lateral grad_inputs: 68).
+GPU_CASES = {
+    "bn_silu-train": (_gpu_bn_silu, dict(moments=3, apply=2, grad_sums=3, grad_x=2)),
+    "bn_silu-eval": (_gpu_bn_silu, dict(apply=2, grad_sums=3, grad_x=2)),
+    "lateral_up2_fuse-train": (_gpu_lateral, dict(moments=5, apply=2, grad_sums=3,
+                                                  grad_inputs=8)),
+    "lateral_up2_fuse-eval": (_gpu_lateral, dict(apply=2, grad_sums=4, grad_inputs=6)),
+    "up2_fuse-gated": (_gpu_up2, dict(grad=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gpu_launches_per_pass(case, monkeypatch):
+    """What each pass of the GPU backends launches, counted through the CPU twins of their
+    kernels: a handful, so a fused call's [C]-sized math costs a few launches, not dozens."""
+    make, ceilings = GPU_CASES[case]
+    op, mode = case.split("-")
+    passes = make(_gpu_passes(op, monkeypatch), mode == "train")
+    for name, ceiling in ceilings.items():
+        calls = top_level_calls(passes[name])
+        assert gpu_launches(calls) <= ceiling, f"{name}: {dict(calls)}"
+        assert any(n.startswith("triton::") for n in calls), f"{name}: no Triton step ran"
