@@ -15,7 +15,9 @@ is rounded to the nearest tf32 value first (`_dot_w`), since the MMA would trunc
 * gram: a program owns a [BLOCK_I x BLOCK_J] tile of gram[n] over one chunk of CHUNK pixels;
   it walks the chunk in BLOCK_K-pixel slices: A slice [BLOCK_I, BLOCK_K] and B slice
   [BLOCK_K, BLOCK_J] are centred in registers (masked lanes forced to 0) and accumulated with
-  tl.dot; the programs of the first column of tiles also accumulate colsum. With more than one
+  tl.dot; the programs of the first column of tiles also accumulate colsum. gram(z, z) (the
+  moments) is symmetric: the programs below the diagonal return at once, those above also store
+  their tile's transpose, and the diagonal's accumulate colsum. With more than one
   chunk per sample, each writes its partial to [chunks, N, Ca, Cb] / [chunks, N, Ca] and
   `_sum_partials_kernel` (shared with up2_fuse) adds the chunks in order: no atomics, bitwise
   deterministic; the chunking is a function of the shapes only.
@@ -73,7 +75,7 @@ def _gram_kernel(a_ptr, b_ptr, ac_ptr, bc_ptr, gram_ptr, colsum_ptr,
                  N, CA, CB, W, P, CHUNK, N_CHUNKS,
                  s_an, s_ac, s_ah, s_aw,
                  s_bn, s_bc, s_bh, s_bw,
-                 HAS_AC: tl.constexpr, HAS_BC: tl.constexpr, FLAT: tl.constexpr,
+                 HAS_AC: tl.constexpr, HAS_BC: tl.constexpr, FLAT: tl.constexpr, SYM: tl.constexpr,
                  ACC: tl.constexpr, DOT_PREC: tl.constexpr, I64: tl.constexpr,
                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     # program -> (sample n, pixel chunk), (tile ib, jb) of gram[n]
@@ -83,6 +85,9 @@ def _gram_kernel(a_ptr, b_ptr, ac_ptr, bc_ptr, gram_ptr, colsum_ptr,
     n_jb = tl.cdiv(CB, BLOCK_J)
     ib = tl.program_id(1) // n_jb
     jb = tl.program_id(1) % n_jb
+    if SYM:  # gram(z, z): the tiles below the diagonal are the mirror of those above
+        if jb < ib:
+            return
     i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
     i_mask = i < CA
@@ -127,7 +132,13 @@ def _gram_kernel(a_ptr, b_ptr, ac_ptr, bc_ptr, gram_ptr, colsum_ptr,
         slot = slot.to(tl.int64)
     g_off = (slot * CA + i[:, None]) * CB + j[None, :]
     tl.store(gram_ptr + g_off, acc, mask=i_mask[:, None] & j_mask[None, :])
-    tl.store(colsum_ptr + slot * CA + i, tl.sum(csum, axis=1), mask=i_mask & (jb == 0))
+    if SYM:  # the mirror tile, and colsum from the diagonal's programs (column 0 is skipped)
+        if jb > ib:
+            tl.store(gram_ptr + (slot * CA + j[None, :]) * CB + i[:, None], acc,
+                     mask=i_mask[:, None] & j_mask[None, :])
+        tl.store(colsum_ptr + slot * CA + i, tl.sum(csum, axis=1), mask=i_mask & (jb == ib))
+    else:
+        tl.store(colsum_ptr + slot * CA + i, tl.sum(csum, axis=1), mask=i_mask & (jb == 0))
 
 
 @triton.jit
@@ -348,8 +359,11 @@ def plan_gram(a, b, a_center, b_center, gram_out, colsum_out, interpret=None):
     args = (a, b, a if a_center is None else a_center, b if b_center is None else b_center,
             gram_out, colsum_out, n, ca, cb, w, h * w, chunk, chunks,
             *a.stride(), *b.stride())
+    # gram(z, z) about one centre is symmetric: half the tiles, mirrored (BLOCK_I == BLOCK_J;
+    # with a single tile there is nothing to mirror, and the plain kernel is leaner)
+    sym = a is b and a_center is b_center and bi == bj and ca > bi
     kwargs = dict(HAS_AC=a_center is not None, HAS_BC=b_center is not None, FLAT=_flat(a, b),
-                  ACC=acc_tl_dtype(a.dtype), DOT_PREC=_dot_precision(a.dtype, exact=True),
+                  SYM=sym, ACC=acc_tl_dtype(a.dtype), DOT_PREC=_dot_precision(a.dtype, exact=True),
                   I64=needs_int64(a, b, gram_out, colsum_out), BLOCK_I=bi, BLOCK_J=bj,
                   BLOCK_K=bk, num_warps=_warps(bi * bj))
     return _gram_kernel, grid, args, kwargs

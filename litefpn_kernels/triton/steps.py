@@ -472,8 +472,9 @@ def _fusion_grads_kernel(sc_ptr, sf_ptr, wc_ptr, wf_ptr, gc_ptr, gf_ptr, out_wc_
         sp_f = softplus(x_f)
         denom = sp_c + sp_f + (tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC))
         dot = tc * sp_c + tf * sp_f
-        d_c = (tc * denom - dot) / (denom * denom)
-        d_f = (tf * denom - dot) / (denom * denom)
+        inv = 1.0 / (denom * denom)
+        d_c = (tc * denom - dot) * inv
+        d_f = (tf * denom - dot) * inv
         e_c = tl.exp(tl.minimum(x_c, 20.0))  # softplus' backward (beta 1, threshold 20)
         e_f = tl.exp(tl.minimum(x_f, 20.0))
         tl.store(out_wc_ptr, tl.where(x_c > 20.0, d_c, d_c * e_c / (e_c + 1.0)))

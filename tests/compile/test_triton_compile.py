@@ -67,6 +67,10 @@ def _case_list():
         for kernel in ("gram", "lateral_fwd", "grad_z"):
             add(kernel, "bf16", layout, "cin256")
             add(kernel, "fp16", layout, "odd")
+        # gram(z, z) about one centre: the symmetric path (half the tiles, mirrored)
+        for dtype in ("bf16", "fp32"):
+            add("gram", dtype, layout, "sym")
+        add("gram", "fp64", layout, "sym")
     # float64 (gradcheck runs the kernels in fp64 on a GPU too: tl.dot on fp64 is DMMA)
     for kernel in ("up2_fwd", "up2_bwd", "up2_bwd_coarse", "gram", "lateral_fwd", "grad_z"):
         add(kernel, "fp64", "nchw", "full")
@@ -148,12 +152,17 @@ def _build(spec):
         plan = up2_fuse.plan_sum_partials(parts, torch.empty(1, C, dtype=acc),
                                           torch.empty(1, C, dtype=acc) if two else None)
     elif kernel == "gram":
-        a = fine if full else act(1, c_in, 2 * h, 2 * w)
-        chunks = lateral.gram_tiling(a, z, interpret=False)[4]
-        plan = lateral.plan_gram(a, z, opt(torch.zeros(a.shape[1], dtype=acc)),
-                                 torch.zeros(c_in, dtype=acc),
-                                 torch.empty(chunks, 1, a.shape[1], c_in, dtype=acc),
+        if variant == "sym":  # gram(z, z) with 2 x 2 tiles to mirror
+            z = act(1, 2 * c_in, 2 * h, 2 * w)
+        b = z
+        a = z if variant == "sym" else fine if full else act(1, c_in, 2 * h, 2 * w)
+        chunks = lateral.gram_tiling(a, b, interpret=False)[4]
+        b_center = torch.zeros(b.shape[1], dtype=acc)
+        a_center = b_center if variant == "sym" else opt(torch.zeros(a.shape[1], dtype=acc))
+        plan = lateral.plan_gram(a, b, a_center, b_center,
+                                 torch.empty(chunks, 1, a.shape[1], b.shape[1], dtype=acc),
                                  torch.empty(chunks, 1, a.shape[1], dtype=acc), interpret=False)
+        assert plan[3]["SYM"] == (variant == "sym")
     elif kernel == "lateral_fwd":
         out = lateral._empty_format(z, (1, c, 2 * h, 2 * w))
         plan = lateral.plan_fwd(coarse, z, torch.zeros(c, c_in, dtype=acc),
@@ -177,19 +186,19 @@ def _build(spec):
     return [(fn, args, kwargs)]
 
 
-def _step_launches(variant, acc):
-    """[(kernel, args, kwargs)] of every launch the step `variant` makes, recorded (not run)
-    from a call with the passes' arguments at the spec's channel counts."""
+def _step_launches(variant, acc, n=8, c=C, k=CIN, device="cpu"):
+    """[(kernel, args, kwargs, grid)] of every launch the step `variant` makes, recorded (not run)
+    from a call with the passes' arguments at n images of c channels from k (also on "meta"
+    tensors: tests/compile/triton_resources.py)."""
     import torch
 
     from litefpn_kernels.triton import steps
 
     step, _, flag = variant.partition("-")
-    n, c, k = 8, C, CIN
-    v = lambda *shape: torch.ones(shape, dtype=acc)  # noqa: E731
+    v = lambda *shape: torch.ones(shape, dtype=acc, device=device)  # noqa: E731
     w, bn, fuse = v(c, k), (v(c), v(c), v(c), v(c), 1e-5), (v(1), v(1), v(n, c))
     calls = {
-        "pilot": lambda: steps.pilot(torch.ones(n, c, H, W, dtype=acc), acc),
+        "pilot": lambda: steps.pilot(v(n, c, H, W), acc),
         "moments": lambda: steps.moments(v(c), v(c), v(c), n * H * W),
         "bn_affine": lambda: steps.bn_affine(*bn, acc),
         "bn_grad_coefs": lambda: steps.bn_grad_coefs(*bn, v(c), v(c), n * H * W,
@@ -197,7 +206,7 @@ def _step_launches(variant, acc):
         "gram_moments": lambda: steps.gram_moments(v(n, k, k), v(n, k), v(k), n * H * W),
         "y_moments": lambda: steps.y_moments(w, v(k), v(k, k)),
         "fold_weight": lambda: steps.fold_weight(w, *bn),
-        "fine_factor": lambda: steps.fine_factor(n, c, *fuse, 1e-4, acc, "cpu"),
+        "fine_factor": lambda: steps.fine_factor(n, c, *fuse, 1e-4, acc, device),
         "lateral_grad_sums": lambda: steps.lateral_grad_sums(
             v(n, c, k), v(n, c), w, *bn, v(k), *fuse, 1e-4, flag != "no_sums"),
         "lateral_grad_weights": lambda: steps.lateral_grad_weights(
@@ -209,7 +218,7 @@ def _step_launches(variant, acc):
     }
     launches = []
     launch = steps._launch
-    steps._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, args, meta))
+    steps._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, args, meta, grid))
     try:
         calls[step]()
     finally:
@@ -291,7 +300,7 @@ def _worker_cases(shard, n_shards):
             t0 = time.perf_counter()
             try:
                 errors = []
-                for fn, args, kwargs in launches:
+                for fn, args, kwargs, *_grid in launches:
                     kernel = _compile(fn, args, kwargs, cc)
                     errors += _check_binary(kernel, fn.__name__, cc)
                 _emit(case_id, cc, not errors, "; ".join(errors), time.perf_counter() - t0)
@@ -413,7 +422,7 @@ def test_every_kernel_is_covered():
     import torch
 
     launched = {kernel.fn.__name__ for step in STEPS for dtype in (torch.float32, torch.float64)
-                for kernel, _, _ in _step_launches(step, dtype)}
+                for kernel, *_ in _step_launches(step, dtype)}
     covered.update((name, "steps") for name in launched)
     assert names == set(covered), f"kernels without a compile case: {names - set(covered)}"
     kinds = {spec["kernel"] for _, spec in CASES}

@@ -40,6 +40,10 @@ def table():
                     "| kernel | bound | reason |\n|---|---|---|\n")
             for k, (bound, why) in tr.MIN_OCCUPANCY.items():
                 f.write(f"| {k} | {bound:.1%} | {why} |\n")
+            f.write("\nSpills allowed (located in the SASS: none inside the main loop):\n\n"
+                    "| row | words | why |\n|---|---:|---|\n")
+            for k, (words, why) in tr.SPILL_OK.items():
+                f.write(f"| {k} | {words} | {why} |\n")
     return rows
 
 
@@ -48,7 +52,10 @@ def _id(r):
 
 
 def test_no_spills(table):
-    spills = [(_id(r), r["n_spills"]) for r in table if r["n_spills"]]
+    """None, except a row of tr.SPILL_OK (located in the SASS, outside the main loop) up to its
+    documented count."""
+    spills = [(_id(r), r["n_spills"]) for r in table
+              if r["n_spills"] > tr.SPILL_OK.get(_id(r), (0, ""))[0]]
     assert not spills, spills
 
 

@@ -40,6 +40,8 @@ MIN_OCCUPANCY = {
     "up2_bwd_coarse": (0.25, "streaming (lateral's backward, coarse half)"),
     "sum_partials": (0.5, "tiny second stage"),
     "gram_zz": (0.125, "GEMM-shaped (tf32x3 dot, 3 MMAs a step): cp.async-pipelined smem"),
+    "gram_zz_sym": (0.125, "gram_zz at the 1/16 level (Cin = 128: 4 x 4 tiles), the symmetric "
+                           "path: programs above the diagonal also store the mirror tile"),
     "gram_gz": (0.125, "GEMM-shaped (tf32x3 dot): cp.async-pipelined smem"),
     "lateral_fwd": (0.25, "GEMM + streaming epilogue (z, coarse taps, out)"),
     "grad_z": (0.125, "GEMM-shaped (two dot loops), cp.async-pipelined; fp32 (tf32x3) 156-168 "
@@ -51,21 +53,46 @@ MIN_OCCUPANCY = {
     "bn_bwd": (0.375, "streaming; channels_last: 8 values of each of 5 per-channel vectors"),
     "bn_sum_slots": (0.5, "tiny second stage"),
 }
+#: spills allowed, by row id (kernel-arch-dtype-layout): (at most this many words, why). Each
+#: was located in the SASS (cuobjdump -sass of the row's cubin): none inside the main loop.
+SPILL_OK = {
+    "gram_zz_sym-sm_80-fp32-nhwc": (2, "ptxas targets 128 registers (25%) and keeps 2 words in "
+                                       "local memory from the prologue to the epilogue (2 STL "
+                                       "before the pixel loop, 2 LDL after it; none inside)"),
+}
+#: the passes' small math (litefpn_kernels/triton/steps.py): kernel -> the step that launches it
+#: (a STEPS case of test_triton_compile.py). One row per accumulation dtype (fp32: bf16 / fp16 /
+#: fp32 activations; fp64), no layout; [C]- or [C, Cin]-sized launches of a few programs.
+STEP_KERNELS = {
+    "_pilot_kernel": "pilot", "_moments_kernel": "moments",
+    "_bn_coefs_kernel": "bn_grad_coefs-train", "_gram_moments_kernel": "gram_moments",
+    "_y_moments_kernel": "y_moments", "_fold_weight_kernel": "fold_weight",
+    "_fine_factor_kernel": "fine_factor", "_a_sum_kernel": "lateral_grad_sums",
+    "_grad_sums_kernel": "lateral_grad_sums", "_grad_weights_kernel": "lateral_grad_weights-synced",
+    "_fusion_grads_kernel": "fusion_grads",
+}
+MIN_OCCUPANCY.update({f"step{k}": (0.25, "the passes' small math: a launch of a few programs "
+                                         "over [C] or [C, Cin] values (latency-bound)")
+                      for k in STEP_KERNELS})
+
 #: kernels whose main loads / stores must be 16-byte (the up2 taps and gathers are scalar by
 #: design: L1/L2 hits on bytes already streamed; their own rows are checked instead)
 STREAMING = ("up2_fwd", "up2_bwd", "up2_bwd_coarse", "lateral_fwd", "bn_stats", "bn_fwd",
              "bn_bwd_sums", "bn_bwd")
 #: kernels that store no activation (sums only, or partials)
-NO_WIDE_STORE = ("bn_stats", "bn_bwd_sums", "gram_zz", "gram_gz", "sum_partials",
-                 "bn_sum_slots")
+NO_WIDE_STORE = ("bn_stats", "bn_bwd_sums", "gram_zz", "gram_zz_sym", "gram_gz", "sum_partials",
+                 "bn_sum_slots") + tuple(f"step{k}" for k in STEP_KERNELS)
 
 
 def cases(archs=ARCHS, dtypes=DTYPES, layouts=LAYOUTS, fp64=True):
-    """[(kernel, dtype, layout)]: every kernel x dtypes x layouts, plus fp64 NCHW (gradcheck)."""
-    out = [(k, d, l) for k in MIN_OCCUPANCY for d in dtypes for l in layouts]
+    """[(kernel, dtype, layout)]: every kernel x dtypes x layouts, plus fp64 NCHW (gradcheck);
+    the steps' kernels per accumulation dtype ("-": no layout)."""
+    streaming = [k for k in MIN_OCCUPANCY if not k.startswith("step_")]
+    out = [(k, d, l) for k in streaming for d in dtypes for l in layouts]
     if fp64:
-        out += [(k, "fp64", "nchw") for k in MIN_OCCUPANCY
+        out += [(k, "fp64", "nchw") for k in streaming
                 if k not in ("sum_partials", "bn_sum_slots")]
+    out += [(f"step{k}", d, "-") for k in STEP_KERNELS for d in ("fp32", "fp64")]
     return out
 
 
@@ -86,6 +113,16 @@ def build(kernel, dtype, layout):
     def vec(*shape):
         return torch.empty(shape, dtype=acc, device="meta")
 
+    if kernel.startswith("step_"):
+        sys.path.insert(0, ROOT)
+        from tests.compile.test_triton_compile import _step_launches
+
+        name = kernel[len("step"):]
+        launches = _step_launches(STEP_KERNELS[name], acc, n=N, c=128, k=32, device="meta")
+        fn, args, kwargs, grid = next(launch for launch in launches
+                                      if launch[0].fn.__name__ == name)
+        return fn, grid, args, kwargs
+
     coarse, fine, z = act(N, 128, 32, 64), act(N, 128, 64, 128), act(N, 32, 64, 128)
     w, gate = vec(1), vec(N, 128)
     if kernel == "up2_fwd":
@@ -101,11 +138,15 @@ def build(kernel, dtype, layout):
             fine, coarse, fine if with_fine else None, w, w, gate, gate if with_fine else None,
             1e-4, True, act(*coarse.shape), act(*fine.shape) if with_fine else None, parts,
             interpret=False)
-    if kernel in ("gram_zz", "gram_gz"):
-        a = z if kernel == "gram_zz" else fine
+    if kernel in ("gram_zz", "gram_zz_sym", "gram_gz"):
+        if kernel == "gram_zz_sym":
+            z = act(N, 128, 16, 32)  # the 1/16 level's z: several tiles to mirror
+        a = fine if kernel == "gram_gz" else z
+        cin = z.shape[1]
         chunks = lateral.gram_tiling(a, z, interpret=False)[4]
-        return lateral.plan_gram(a, z, vec(a.shape[1]) if kernel == "gram_zz" else None,
-                                 vec(32), vec(chunks, N, a.shape[1], 32),
+        zc = vec(cin)  # gram(z, z): one centre for both sides, as the moments pass it
+        return lateral.plan_gram(a, z, None if kernel == "gram_gz" else zc,
+                                 zc, vec(chunks, N, a.shape[1], cin),
                                  vec(chunks, N, a.shape[1]), interpret=False)
     if kernel == "lateral_fwd":
         return lateral.plan_fwd(coarse, z, vec(128, 32), vec(128), w, w, gate, gate, 1e-4,

@@ -154,6 +154,28 @@ def test_gram_gpu_tiles_multi_chunk_deterministic(lateral, dtype, kind):
     assert torch.equal(gram, gram2) and torch.equal(colsum, colsum2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gram_symmetric_gpu_tiles(lateral, dtype):
+    """gram(z, z) about one centre computes the tiles on and above the diagonal and mirrors
+    them: at the GPU tiles (2 x 2 tiles of 64 channels, the second masked; 3 pixel chunks) the
+    result equals the reference, is exactly symmetric, and its colsum (from the diagonal's
+    programs) is right; gram(g, z) keeps every tile."""
+    z = make((2, 80, 24, 44), dtype, "channels_last", seed=5, mean=2.0)
+    zc = z[0, :, 0, 0].to(_acc(dtype)).contiguous()
+    assert lateral.gram_tiling(z, z, interpret=False)[4] > 1
+    kwargs = lambda a, ac, bc: lateral.plan_gram(  # noqa: E731
+        a, z, ac, bc, None, None, interpret=False)[3]
+    assert kwargs(z, zc, zc)["SYM"] and not kwargs(z, None, zc)["SYM"]
+    gram, colsum = lateral.gram(z, z, zc, zc, interpret=False)
+    rg, rs, scale = ref_gram(z, z, zc, zc)
+    check(gram, rg, dtype, scale)
+    check(colsum, rs, dtype, z.double().abs().sum((2, 3)).max().item())
+    # the mirrored tile is the computed one's transpose, bit for bit (within a diagonal tile
+    # the dot's (i, j) and (j, i) sums may round differently, as any GEMM's)
+    block = kwargs(z, zc, zc)["BLOCK_I"]
+    assert torch.equal(gram[:, block:, :block], gram[:, :block, block:].transpose(1, 2))
+
+
 @pytest.mark.parametrize("interpret", [None, False], ids=["device-tiles", "gpu-tiles"])
 def test_gram_covariance_accurate_for_large_mean_fp32(lateral, interpret):
     """z ~ N(10, 1) in fp32 with a pilot centre (one of z's values): the covariance from the
