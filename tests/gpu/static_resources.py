@@ -339,6 +339,8 @@ RULES = [
                     "not yet checked in SASS whether the spill sits in the item loop"),
                    (r"<f64, i32, 2, true>", "fp64 (gradcheck only), 4/8 B on sm_90"))),
     Rule(r"^sum_partials_kernel<", 0.5, "second-stage sums of [N*C] partials: tiny, latency-bound"),
+    Rule(r"^sum_partials_wide_kernel<", 0.5,
+         "second-stage sums of few outputs over many partials (bn_silu's [C]): a block each"),
     # --- lateral (channel mix: a small GEMM; loads staged in shared memory, F2 epilogue)
     Rule(r"^mix_kernel<", 0.25,
          "operand loads are scalar and staged through shared memory (audit F2's load half stays "

@@ -382,6 +382,20 @@ def test_bn_silu_paths(emu, dtype, idx64):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_bn_silu_wide_sum_partials(emu, dtype, kind):
+    """N * chunks >= 128 partials per channel: stage two runs a block per channel
+    (sum_partials_wide_kernel, a fixed tree over the block's threads), still matching eager."""
+    acc = "double" if dtype == F64 else "float"
+    n, c = 130, 3
+    launches = kernels(cases.check_bn_silu((n, c, 1, 2), dtype, kind, "contiguous", seed=7))
+    assert launches[f"sum_partials_wide_kernel<{acc}>"] == [c] * 4
+    assert f"sum_partials_kernel<{acc}>" not in launches
+    launches = kernels(cases.check_bn_silu((n - 10, c, 1, 2), dtype, kind, None, seed=8))
+    assert launches[f"sum_partials_kernel<{acc}>"] == [1] * 4  # 120 partials: a thread each
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_bn_silu_matches_eager(emu, dtype, kind):
     shapes = [(2, 3, 4, 5), (1, 1, 1, 1), (2, 4, 3, 1), (1, 16, 1, 6), (3, 8, 7, 3)]
