@@ -63,7 +63,14 @@ def ideal_bytes(op, level, batch, dtype):
     return {"fwd": fwd, "eval": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
 
 
+#: torch.compile's mode for the "compile" rows; None: max-autotune-no-cudagraphs on a GPU (the
+#: strongest compile without CUDA graphs), the default mode on CPU. run.py --compile-mode sets it.
+COMPILE_MODE = None
+
+
 def compile_mode(device):
+    if COMPILE_MODE is not None:
+        return None if COMPILE_MODE == "default" else COMPILE_MODE
     return "max-autotune-no-cudagraphs" if device.type == "cuda" else None
 
 

@@ -188,6 +188,14 @@ def parse_args(argv):
                    help="CPU: seconds of timing rounds per row group (at least 11 rounds, after 3 warm-up calls); default: %(default)s")
     p.add_argument("--out", default=None,
                    help="output path without extension (default benchmarks/results/<machine>)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the compile rows (default, reduce-overhead, "
+                        "max-autotune, max-autotune-no-cudagraphs); default: "
+                        "max-autotune-no-cudagraphs on a GPU, default on CPU")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="time nothing: re-render the report (.md, .png beside JSON) from a run's "
+                        "records, with the bandwidth model's moved bytes filled in for GPU op "
+                        "rows a --no-model run left empty")
     p.add_argument("--no-model", action="store_true",
                    help="skip benchmarks/bandwidth_model.py: on a GPU, the moved-bytes columns "
                         "(counted on the CPU: up to a minute for every row); without one, the "
@@ -212,6 +220,9 @@ class Progress:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        return render(args.render)
+    cases.COMPILE_MODE = args.compile_mode
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -223,7 +234,10 @@ def main(argv=None):
     machine = machine_name(device)
     out_base = args.out or os.path.join(RESULTS_DIR, machine)
     os.makedirs(os.path.dirname(out_base) or ".", exist_ok=True)
-    meta = {"device": machine, "torch": torch.__version__, "triton": triton_version}
+    meta = {"device": machine, "torch": torch.__version__, "triton": triton_version,
+            "compile_mode": cases.compile_mode(device) or "default",
+            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None
+                                                            else argv)}
     dtype_names = args.dtypes.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     layouts = args.layouts.split(",")
@@ -310,6 +324,10 @@ def main(argv=None):
                                           f"{pass_name}")
                         del built
                         records.extend(group)
+                        # the records so far, so that a run cut short (a GPU lease's time
+                        # limit) still leaves its measurements: --render turns them into a report
+                        with open(out_base + ".json", "w") as f:
+                            json.dump(records, f, indent=1)
 
     gpu_section = None
     if device.type != "cuda" and not args.no_model:
@@ -323,6 +341,35 @@ def main(argv=None):
         f.write(text)
     plot(records, out_base + ".png", machine)
     print(f"\nwrote {out_base}.json, .md, .png\n")
+    print(text)
+
+
+def render(json_path):
+    """The report (.md, .png beside json_path) from a run's records; GPU op rows without moved
+    bytes (a --no-model run) get them from the bandwidth model, counted here."""
+    with open(json_path) as f:
+        records = json.load(f)
+    copy_gbps = {(r["dtype"], r["layout"], r["batch"]): r["gbps"]
+                 for r in records if r["op"] == "copy"}
+    for r in records:
+        op, _, level = r["op"].partition("@")
+        if r.get("moved_bytes") is not None or not level or r["device"].startswith("cpu"):
+            continue
+        moved = moved_bytes(op, r["backend"], level, r["pass"], r["batch"],
+                            DTYPES[r["dtype"]], r["layout"] == "channels_last",
+                            torch.device("cuda"))
+        if moved:
+            r["moved_bytes"], r["moved_gbps"] = moved, moved / r["median_ms"] / 1e6
+            base = copy_gbps.get((r["dtype"], r["layout"], r["batch"]))
+            r["pct_copy_bw_moved"] = 100.0 * r["moved_gbps"] / base if base else None
+    with open(json_path, "w") as f:
+        json.dump(records, f, indent=1)
+    meta = {k: records[0].get(k) for k in ("device", "torch", "triton", "command")}
+    out_base = json_path[:-len(".json")] if json_path.endswith(".json") else json_path
+    text = markdown(records, meta, None)
+    with open(out_base + ".md", "w") as f:
+        f.write(text)
+    plot(records, out_base + ".png", meta["device"])
     print(text)
 
 
@@ -364,9 +411,12 @@ def markdown(records, meta, args, gpu_section=None):
     "moved" columns (GPU runs): the bytes the pass moves by design / time, the achieved
     bandwidth. `gpu_section`: the bandwidth model's prediction, appended after the measurements
     under its own PREDICTED, UNMEASURED heading (runs without a GPU)."""
+    command = meta.get("command") or "python -m benchmarks.run " + " ".join(sys.argv[1:])
+    compile_mode = {r.get("compile_mode") for r in records if r["backend"] == "compile"}
     lines = [f"# litefpn_kernels benchmark: {meta['device']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, "
-             f"command `python -m benchmarks.run {' '.join(sys.argv[1:])}`".rstrip(), "",
+             f"torch {meta['torch']}, triton {meta['triton']}, command `{command.rstrip()}`"
+             + (f", torch.compile mode {', '.join(sorted(map(str, compile_mode)))}"
+                if compile_mode else ""), "",
              "## Measured", "",
              "| op | pass | dtype | layout | batch | backend | median ms | GB/s ideal "
              "| % copy ideal | GB/s moved | % copy moved | peak MB | x eager | x compile |",

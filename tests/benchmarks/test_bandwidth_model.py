@@ -2,6 +2,7 @@
 tensors it describes, and the GPU prediction's labelling: every predicted row says it is
 PREDICTED, UNMEASURED, and a measured table never does."""
 import argparse
+import json
 import os
 
 import pytest
@@ -183,3 +184,27 @@ def test_results_file_is_where_the_readme_says():
     assert os.path.basename(bm.RESULTS) == "gpu_model.md"
     with open(os.path.join(os.path.dirname(bm.RESULTS), "..", "..", "README.md")) as f:
         assert "benchmarks/results/gpu_model.md" in f.read()
+
+
+def test_render_fills_the_moved_bytes_of_a_no_model_gpu_run(tmp_path):
+    """A GPU run with --no-model (a short lease) leaves moved bytes empty; --render counts them
+    here, from the records alone, and writes the report beside the JSON."""
+    need("up2_fuse", "cpu", CPU)
+    base = dict(dtype="bf16", layout="channels_last", batch=2, device="NVIDIA_H200",
+                torch="2.11", triton="3.6", command="python -m benchmarks.run --no-model",
+                moved_bytes=None, moved_gbps=None, pct_copy_bw_moved=None, peak_mem_mb=1.0,
+                speedup_vs_compile=None, ideal_bytes=1, gbps=1.0, pct_copy_bw=1.0)
+    records = [dict(base, op="copy", backend="torch", median_ms=0.01, gbps=400.0,
+                    speedup_vs_eager=None, **{"pass": "eval"}),
+               dict(base, op=f"up2_fuse@{LEVEL}", backend="triton", median_ms=0.02,
+                    speedup_vs_eager=3.0, **{"pass": "fwd"})]
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(records))
+    run.main(["--render", str(path)])
+    row = json.loads(path.read_text())[1]
+    want = run.moved_bytes("up2_fuse", "triton", LEVEL, "fwd", 2, torch.bfloat16, True,
+                           torch.device("cuda"))
+    assert want and row["moved_bytes"] == want
+    assert row["pct_copy_bw_moved"] == pytest.approx(100 * want / 0.02 / 1e6 / 400.0)
+    text = (tmp_path / "gpu.md").read_text()
+    assert "python -m benchmarks.run --no-model" in text and (tmp_path / "gpu.png").exists()

@@ -3,7 +3,7 @@
     compute-sanitizer --tool memcheck python3 -m tests.gpu.smoke
     python3 -m tests.gpu.smoke cpu          # the same checks of the `cpu` backend (dry run)
 
-Runs up2_fuse and lateral_up2_fuse forward + backward on the `cuda` and `triton` backends (each
+Runs up2_fuse, lateral_up2_fuse and bn_silu forward + backward on the `cuda` and `triton` backends (each
 that is available; `cpu` with the argument cpu), fp32 and bf16, contiguous and channels_last,
 odd sizes, with weights and gates, and compares each against the eager composition in float64.
 Exits non-zero on a mismatch.
@@ -98,6 +98,23 @@ def main(argv):
                     check(f"lateral {tag}", out, ref, TOL[dtype], failures)
                     for gg, rg, nm in zip(grads, ref_grads, ("coarse", "z", "conv_weight")):
                         check(f"lateral grad_{nm} {tag}", gg, rg, TOL[dtype], failures)
+                    sync(dev)
+                    # bn_silu, training (running stats updated in place) and eval
+                    for training in (True, False):
+                        rm, rv = (t.clone() for t in stats)
+                        x = fine.detach().requires_grad_()
+                        out = ops.bn_silu(x, s["bn_weight"], s["bn_bias"], rm, rv, training,
+                                          backend=backend)
+                        (gx,) = torch.autograd.grad(out, (x,), g)
+                        ref_rm, ref_rv = (t.double() for t in stats)
+                        rx = d(x)
+                        ref = torch.nn.functional.silu(torch.nn.functional.batch_norm(
+                            rx, ref_rm, ref_rv, d(s["bn_weight"]), d(s["bn_bias"]), training))
+                        (ref_gx,) = torch.autograd.grad(ref, (rx,), g.double())
+                        mode = "train" if training else "eval"
+                        check(f"bn_silu {mode} {tag}", out, ref, TOL[dtype], failures)
+                        check(f"bn_silu {mode} grad_x {tag}", gx, ref_gx, TOL[dtype], failures)
+                        check(f"bn_silu {mode} running_var {tag}", rv, ref_rv, 1e-5, failures)
                     sync(dev)
     print(f"{len(failures)} failures" + (f": {failures}" if failures else ""))
     return 1 if failures else 0
