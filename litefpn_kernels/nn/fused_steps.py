@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import compiled, registry
 from ..eager import up2
-from .blocks import ConvBN, CoordGate, Fuse, bn_args, sync_group  # noqa: F401 (bn_args: API)
+from .blocks import ConvBN, CoordGate, Fuse, batch_norm, bn_args, sync_group  # noqa: F401
 
 
 def coarse_fine(a, b, lateral_is_a: bool):
@@ -48,6 +48,40 @@ def _autocast_input(t: Tensor) -> Tensor:
     return t
 
 
+class _GradInParamStrides(torch.autograd.Function):
+    """Identity on a parameter; its backward hands autograd the gradient in the parameter's
+    exact strides. A [C, Cin, 1, 1] weight of a channels_last module has strides (Cin, 1, Cin,
+    Cin), and what a backward returns for it is ambiguous in the size-1 dims: on a GPU a fused
+    path's 1x1 conv grads came back (Cin, 1, 1, 1) where eager's had the parameter's strides
+    (AccumulateGrad keeps either; DDP's bucket views warn about the difference)."""
+
+    @staticmethod
+    def forward(param):
+        return param.view_as(param)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.param_stride = inputs[0].stride()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.stride() == ctx.param_stride:
+            return grad
+        return grad.new_empty_strided(grad.shape, ctx.param_stride).copy_(grad)
+
+
+def conv_weight(conv: nn.Conv2d) -> Tensor:
+    """conv.weight for a functional conv on the fused path: its gradient in its own strides."""
+    if not conv.weight.requires_grad or not torch.is_grad_enabled():
+        return conv.weight
+    return _GradInParamStrides.apply(conv.weight)
+
+
+def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    return F.conv2d(x, conv_weight(conv), conv.bias, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
+
+
 class FusedSteps:
     """The steps on the fused operators of `backend` (README, "What is fused")."""
 
@@ -75,13 +109,14 @@ class FusedSteps:
             if silu and fused_bn_silu is not None:
                 group = sync_group(bn)  # before bn_args: nn.SyncBatchNorm's order
                 running_mean, running_var, training, momentum = bn_args(bn)
-                return ops.bn_silu(m.conv(x), bn.weight, bn.bias, running_mean, running_var,
-                                   training, momentum, bn.eps, backend=fused_bn_silu,
-                                   process_group=group)
-            return m(x)  # a SyncBatchNorm synchronises there (blocks.batch_norm)
+                return ops.bn_silu(_conv(m.conv, x), bn.weight, bn.bias, running_mean,
+                                   running_var, training, momentum, bn.eps,
+                                   backend=fused_bn_silu, process_group=group)
+            # ConvBN.forward; a SyncBatchNorm synchronises there (blocks.batch_norm)
+            return m.act(batch_norm(bn, _conv(m.conv, x)))
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         conv = m.conv
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+        weight = conv_weight(conv) * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
         bias = (bn.bias - bn.running_mean * scale).to(conv.weight.dtype)
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         if silu and not torch.is_grad_enabled():

@@ -197,3 +197,20 @@ def test_unavailable_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="backend must be one of"):
         neck.backend = "tpu"
     assert backends.resolve(OP, "auto", torch.device("cpu")) in ("cpu", "eager")
+
+
+def test_conv_weight_grads_keep_the_parameters_strides():
+    """A channels_last [C, Cin, 1, 1] weight's strides are ambiguous in the size-1 dims; a GPU
+    conv backward returned its fp64 gradient with contiguous strides, which AccumulateGrad keeps
+    (tests/gpu: test_module_parity_train_then_eval[*-nhwc-*] failed on an H200). The fused
+    path's conv weight hands autograd the gradient in the parameter's own strides."""
+    from litefpn_kernels.nn.fused_steps import conv_weight
+    conv = torch.nn.Conv2d(24, 16, 1, bias=False).to(memory_format=torch.channels_last)
+    assert conv.weight.stride() == (24, 1, 24, 24)
+    grad = torch.randn(16, 24, 1, 1)  # strides (24, 1, 1, 1): what that backward returned
+    conv.weight.view_as(conv.weight).backward(grad)  # the control: kept as it came
+    assert conv.weight.grad.stride() == (24, 1, 1, 1)
+    conv.weight.grad = None
+    conv_weight(conv).backward(grad)
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    torch.testing.assert_close(conv.weight.grad, grad, rtol=0, atol=0)
