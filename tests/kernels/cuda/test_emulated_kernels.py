@@ -387,12 +387,12 @@ def test_bn_silu_wide_sum_partials(emu, dtype, kind):
     """N * chunks >= 128 partials per channel: stage two runs a block per channel
     (sum_partials_wide_kernel, a fixed tree over the block's threads), still matching eager."""
     acc = "double" if dtype == F64 else "float"
-    n, c = 130, 3
+    n, c = 128, 2  # 128 partials per channel: the first count that takes the wide kernel
     launches = kernels(cases.check_bn_silu((n, c, 1, 2), dtype, kind, "contiguous", seed=7))
     assert launches[f"sum_partials_wide_kernel<{acc}>"] == [c] * 4
     assert f"sum_partials_kernel<{acc}>" not in launches
-    launches = kernels(cases.check_bn_silu((n - 10, c, 1, 2), dtype, kind, None, seed=8))
-    assert launches[f"sum_partials_kernel<{acc}>"] == [1] * 4  # 120 partials: a thread each
+    launches = kernels(cases.check_bn_silu((n - 1, c, 1, 2), dtype, kind, None, seed=8))
+    assert launches[f"sum_partials_kernel<{acc}>"] == [1] * 4  # 127 partials: a thread each
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
