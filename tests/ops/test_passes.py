@@ -176,11 +176,12 @@ def test_passes_reject_operands_of_the_wrong_size():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_passes_at_shapes_with_several_programs(impl):
     """Wider than the cases above: several programs on every axis of the Triton steps (channel
-    blocks of 16 and 256, input-channel blocks of 64, N*C blocks of 256), in training with the
-    group's statistics and both fusion kinds at once, float32."""
+    blocks of 16 and 256, input-channel blocks of 64, N*C blocks of 256) and several batch steps
+    of 8 (the last one masked), in training with the group's statistics and both fusion kinds
+    at once, float32."""
     dtype, kind = torch.float32, "channels_last"
     got, py = _candidate(impl, "lateral_up2_fuse"), _python_passes("lateral_up2_fuse")
-    n, c, c_in = 3, 90, 70
+    n, c, c_in = 11, 90, 70
     coarse, z, kw = lateral_up2_fuse_inputs((n, c_in, c, 2, 3), dtype, "cpu", kind,
                                             weighted=True, gates=True, z_mean=1.5)
     fuse = (kw["w_coarse"], kw["w_fine"], kw["gate_coarse"], kw["gate_fine"])
