@@ -4,6 +4,7 @@
 #
 #   bash tests/gpu/session.sh build,smoke,test              # first call: build + correctness
 #   bash tests/gpu/session.sh build,bench,sanitize,ncu      # second call, on the warm machine
+#   bash tests/gpu/session.sh build,trace                   # host vs kernel time, small levels
 #
 # build is a no-op when litefpn_kernels/_C*.so with CUDA kernels is already there (a warm
 # machine keeps ignored build outputs between calls); it builds for this GPU's arch only
@@ -14,7 +15,7 @@
 # `python -m benchmarks.run --render FILE.json` makes the report from them on any machine.
 #
 # At most 8 files land in $OUT (what the device tool brings back): build.log, tests.log (smoke +
-# pytest), sanitizer.log, bench.log, ops.json, neck.json, ncu.csv.
+# pytest), sanitizer.log, bench.log, ops.json, neck.json, ncu.csv, trace.txt.
 # Knobs: MAX_JOBS, SMOKE_CAP / TEST_CAP / OPS_CAP / NECK_CAP (seconds per step), TEST_ARGS (pytest; default the GPU-marked tests), OPS_ARGS / NECK_ARGS
 # (benchmarks.run), NCU_BATCH.
 set -u
@@ -108,5 +109,11 @@ if step ncu; then
     --section SpeedOfLight --metrics launch__registers_per_thread,dram__bytes.sum \
     "$PY" -m tests.gpu.profile_top "${NCU_BATCH:-64}" > "$OUT/ncu.csv" 2>&1
   echo "ncu exit $?"; wc -l "$OUT/ncu.csv"
+fi
+if step trace; then
+  say trace
+  timeout "$(cap 120 3)" "$PY" -m tests.gpu.profile_small cuda 256 1/16,1/8 \
+    > "$OUT/trace.txt" 2>&1
+  echo "trace exit $?"; cat "$OUT/trace.txt"
 fi
 say done

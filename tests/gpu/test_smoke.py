@@ -15,3 +15,13 @@ def test_gpu_smoke_dry_run_on_cpu(capsys):
 @pytest.mark.cuda
 def test_gpu_smoke_on_gpu():
     assert gpu_smoke.main(["cuda"]) == 0
+
+
+def test_profile_small_dry_run_on_cpu(capsys):
+    """tests/gpu/profile_small.py (host vs kernel time at the small levels) runs: its CPU dry
+    run times eager and the `cpu` backend."""
+    need("up2_fuse", "cpu", CPU)
+    from tests.gpu import profile_small
+    assert profile_small.main(["cpu", "1", "1/16"]) == 0
+    out = capsys.readouterr().out
+    assert "lateral_up2_fuse" in out and " cpu " in out
