@@ -146,6 +146,11 @@ def _bn_sum_slots_kernel(part_ptr, out_ptr, S, BLOCK_S: tl.constexpr, I64: tl.co
 #: resident programs, several waves).
 _TILE_ELEMS = 2048
 _TARGET_PROGRAMS = 8192
+#: the sums ops want fewer, longer programs (still 2-3 waves): each ends with a cross-warp
+#: reduction of its tile and 2 x BLOCK_C partial stores, which at 4 tiles a program (8192
+#: programs, B=64, 1/4 level) held the stats pass to 17% of DRAM bandwidth on an H200 (ncu; the
+#: elementwise pass over the same tiles: 75%)
+_SUMS_TARGET_PROGRAMS = 2048
 _MAX_C_INNER = 128   # channels_last: channels per tile (the whole C = 128 of the neck)
 _MAX_P_INNER = 1024  # NCHW: pixels per tile row
 _SLOT_BLOCK = 1024   # stage two: slots a program adds per step
@@ -164,9 +169,9 @@ def _flat(*tensors):
     return all(t.shape[2] <= 1 or t.stride(2) == t.shape[3] * t.stride(3) for t in tensors)
 
 
-def tiling(x, walk, interpret=None):
+def tiling(x, walk, interpret=None, sums=False):
     """(BLOCK_P, BLOCK_C, CHUNK, N_CHUNKS, grid) of a launch over x ([N, C, H, W]) walked in the
-    layout of `walk` (x for the sums, the output otherwise); shapes and layout only."""
+    layout of `walk` (x for the sums, the output otherwise); shapes, layout and `sums` only."""
     n, c, h, w = x.shape
     hw = h * w
     interp = interpreter_plan(x, interpret)
@@ -183,8 +188,9 @@ def tiling(x, walk, interpret=None):
         chunks = 1
     else:
         # enough programs to fill the GPU; each walks at least one tile
+        target = _SUMS_TARGET_PROGRAMS if sums else _TARGET_PROGRAMS
         chunks = max(1, min(triton.cdiv(hw, block_p),
-                            triton.cdiv(_TARGET_PROGRAMS, max(1, n * c_blocks))))
+                            triton.cdiv(target, max(1, n * c_blocks))))
     chunk = triton.cdiv(triton.cdiv(max(hw, 1), chunks), block_p) * block_p
     chunks = triton.cdiv(max(hw, 1), chunk)
     return block_p, block_c, chunk, chunks, (n * chunks, c_blocks)
@@ -192,7 +198,7 @@ def tiling(x, walk, interpret=None):
 
 def slots(x, interpret=None):
     """S, the partial sums per channel of the sums ops (which walk x in x's layout)."""
-    return x.shape[0] * tiling(x, x, interpret)[3]
+    return x.shape[0] * tiling(x, x, interpret, sums=True)[3]
 
 
 def plan(op, x, g=None, out=None, part=None, scale=None, shift=None, center=None, k_dz=None,
@@ -202,7 +208,7 @@ def plan(op, x, g=None, out=None, part=None, scale=None, shift=None, center=None
     sums = op in (OP_STATS, OP_BWD_SUMS)
     walk = x if sums else out
     n, c, h, w = x.shape
-    block_p, block_c, chunk, chunks, grid = tiling(x, walk, interpret)
+    block_p, block_c, chunk, chunks, grid = tiling(x, walk, interpret, sums=sums)
     if sums and tuple(part.shape) != (2, c, n * chunks):
         raise RuntimeError(f"bn_silu: partials buffer {tuple(part.shape)} does not match the "
                            f"launch ({n * chunks} slots of {c} channels)")
