@@ -6,6 +6,13 @@
 #   bash tests/gpu/session.sh build,bench,sanitize,ncu      # second call, on the warm machine
 #   bash tests/gpu/session.sh build,trace                   # host vs kernel time, small levels
 #
+# What fitted one 15-minute lease on an H200 (2026-12-04; the machine starts in ~30 s, and stays
+# warm 30 s after a call, so issue the next call at once): call 1
+#   DEADLINE=555 SMOKE_CAP=90 TEST_CAP=130 OPS_CAP=110 NECK_CAP=120 \
+#     bash tests/gpu/session.sh build,smoke,test,bench                (459 s: build 130 s)
+# then, warm, `DEADLINE=230 bash tests/gpu/session.sh build,test,sanitize,ncu` (158 s) - the
+# test step was cut at 130 s in call 1; `-m cuda -n 14` runs all GPU tests in 75 s.
+#
 # build is a no-op when litefpn_kernels/_C*.so with CUDA kernels is already there (a warm
 # machine keeps ignored build outputs between calls); it builds for this GPU's arch only
 # (TORCH_CUDA_ARCH_LIST, e.g. 9.0: a third of the default's nvcc work). DEADLINE (seconds,
