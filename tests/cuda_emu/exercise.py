@@ -41,7 +41,7 @@ def all_cases():
         yield cases.check_bn_silu, ((2, 2 * v, 3, 5), dtype, CL, "expand_hw",)  # nhwc vec
         yield cases.check_bn_silu, ((1, 3, 40, 70), dtype, OFF, C,)          # plane G=1, 2 chunks
         yield cases.check_bn_silu, ((1, 33, 9, 9), dtype, CL, CL,)           # nhwc G=1, 2 ctiles+chunks
-        yield cases.check_bn_silu, ((128, 2, 1, 2), dtype, C, CL,)           # wide sum_partials
+        yield cases.check_bn_silu, ((128, 2, 1, 2), dtype, CL, C,)           # wide sum_partials
     for dtype in (f64, f32):
         yield cases.check_gram, (1, 5, 3, (3, 1), dtype, (C, CL),)          # tiles 32 x 32
         yield cases.check_gram, (1, 33, 7, (2, 3), dtype, (CL, ST),)        # tiles 64 x 32
