@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import compiled, registry
 from ..eager import up2
+from ..ops._tensor import like_param
 from .blocks import ConvBN, CoordGate, Fuse, batch_norm, bn_args, sync_group  # noqa: F401
 
 
@@ -61,13 +62,12 @@ class _GradInParamStrides(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.param_stride = inputs[0].stride()
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad):
-        if grad.stride() == ctx.param_stride:
-            return grad
-        return grad.new_empty_strided(grad.shape, ctx.param_stride).copy_(grad)
+        (param,) = ctx.saved_tensors
+        return like_param(grad, param)  # the ops' own parameter-gradient layout rule
 
 
 def conv_weight(conv: nn.Conv2d) -> Tensor:
